@@ -1,0 +1,8 @@
+"""deebert: BERT with an off-ramp after every layer, trained in two loops, exiting early at inference.
+
+Xin, Tang, Lee, Yu, Lin. DeeBERT: Dynamic Early Exiting for Accelerating BERT Inference. ACL 2020.
+"""
+
+from deebert.errors import DeeBertError
+
+__all__ = ["DeeBertError"]
