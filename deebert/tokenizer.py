@@ -1,0 +1,103 @@
+"""Text -> token ids, token types and attention masks, on the `tokenizers` package.
+
+BERT's WordPiece: normalise (clean, optionally lower-case, strip accents), split on whitespace and
+punctuation, then split each word into the longest vocabulary pieces ("playing" -> "play", "##ing").
+A single sentence becomes `[CLS] a [SEP]` (token types 0); a pair `[CLS] a [SEP] b [SEP]` (types 0..0 1..1).
+Batches are padded to their longest member (dynamic padding) with an attention mask of 1 for tokens
+and 0 for padding; inputs longer than `max_length` are cut, the longer text of a pair first.
+
+A checkpoint's `tokenizer.json` carries its own padding and truncation settings (all-MiniLM-L6-v2's
+pads everything to 128): `Tokenizer` sets both explicitly and never inherits them.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
+
+from deebert.errors import DeeBertError
+
+
+class Tokenizer:
+    def __init__(self, backend: HFTokenizer, max_length: int = 128):
+        self.backend = backend
+        self.pad_id = backend.token_to_id("[PAD]")
+        for token in ("[CLS]", "[SEP]", "[PAD]"):
+            if backend.token_to_id(token) is None:
+                raise DeeBertError(f"the tokenizer has no {token} token; it is not a BERT tokenizer")
+        self.set_max_length(max_length)
+
+    def set_max_length(self, max_length: int) -> None:
+        self.max_length = max_length
+        self.backend.enable_truncation(max_length, strategy="longest_first")
+        self.backend.enable_padding(pad_id=self.pad_id, pad_token="[PAD]")  # no length: pad to the longest
+
+    @classmethod
+    def from_dir(cls, directory, max_length: int = 128) -> "Tokenizer":
+        """From `tokenizer.json` if the checkpoint has one, else build BERT's WordPiece from `vocab.txt`."""
+        directory = Path(directory)
+        if (directory / "tokenizer.json").is_file():
+            return cls(HFTokenizer.from_file(str(directory / "tokenizer.json")), max_length)
+        if (directory / "vocab.txt").is_file():
+            return cls(wordpiece_from_vocab(directory / "vocab.txt", lowercase(directory)), max_length)
+        raise DeeBertError(f"{directory} has neither tokenizer.json nor vocab.txt; pass a BERT checkpoint directory")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size()
+
+    def encode(self, texts_a: list, texts_b: list | None = None) -> dict:
+        """Texts (and second texts of pairs) -> {"input_ids", "token_type_ids", "attention_mask"}: (B, T) each.
+
+        Also "truncated": (B,) booleans, True where an input was longer than max_length and was cut.
+        """
+        inputs = list(texts_a) if texts_b is None else list(zip(texts_a, texts_b))
+        encodings = self.backend.encode_batch(inputs)
+        return {
+            "input_ids": torch.tensor([e.ids for e in encodings]),
+            "token_type_ids": torch.tensor([e.type_ids for e in encodings]),
+            "attention_mask": torch.tensor([e.attention_mask for e in encodings]),
+            "truncated": torch.tensor([len(e.overflowing) > 0 for e in encodings]),
+        }
+
+    def tokens(self, text: str, text_b: str | None = None) -> list:
+        """The WordPiece tokens of one input, special tokens included: for reading, not for the model."""
+        return self.backend.encode(text, text_b).tokens
+
+    def save(self, directory) -> None:
+        """Write tokenizer.json (our settings: no fixed padding) and vocab.txt."""
+        directory = Path(directory)
+        self.backend.save(str(directory / "tokenizer.json"))
+        vocab = sorted(self.backend.get_vocab().items(), key=lambda item: item[1])
+        (directory / "vocab.txt").write_text("".join(token + "\n" for token, _ in vocab), encoding="utf-8")
+
+
+def lowercase(directory: Path) -> bool:
+    """Whether the checkpoint lower-cases its input: tokenizer_config.json says, else True (uncased BERT)."""
+    config = directory / "tokenizer_config.json"
+    if config.is_file():
+        return bool(json.loads(config.read_text(encoding="utf-8")).get("do_lower_case", True))
+    return True
+
+
+def wordpiece_from_vocab(vocab_file: Path, lowercase: bool = True) -> HFTokenizer:
+    """BERT's tokenizer, assembled from its parts: the pipeline a tokenizer.json describes."""
+    vocab = {}
+    for index, line in enumerate(Path(vocab_file).read_text(encoding="utf-8").splitlines()):
+        vocab.setdefault(line.rstrip("\n"), index)
+    if "[UNK]" not in vocab:
+        raise DeeBertError(f"{vocab_file} has no [UNK] token; it is not a BERT vocab.txt")
+    tokenizer = HFTokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    tokenizer.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                                      strip_accents=None, lowercase=lowercase)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    cls_id, sep_id = vocab["[CLS]"], vocab["[SEP]"]
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",  # ":1" = token type 1, segment B
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    tokenizer.decoder = decoders.WordPiece(prefix="##")
+    return tokenizer
