@@ -101,3 +101,19 @@ def wordpiece_from_vocab(vocab_file: Path, lowercase: bool = True) -> HFTokenize
     )
     tokenizer.decoder = decoders.WordPiece(prefix="##")
     return tokenizer
+
+
+def batches(tokenizer: Tokenizer, examples: list, batch_size: int, order=None):
+    """GLUE examples -> batches of tensors, each padded only to its own longest input (dynamic padding).
+
+    `order` (indices into `examples`) sets which examples go together; default: as they come.
+    Each batch is the dict of `Tokenizer.encode` plus "labels" (B,).
+    """
+    order = range(len(examples)) if order is None else order
+    order = list(order)
+    for start in range(0, len(order), batch_size):
+        chunk = [examples[i] for i in order[start : start + batch_size]]
+        texts_b = [e.text_b for e in chunk] if chunk[0].text_b is not None else None
+        batch = tokenizer.encode([e.text_a for e in chunk], texts_b)
+        batch["labels"] = torch.tensor([e.label for e in chunk])
+        yield batch

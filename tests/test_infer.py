@@ -1,0 +1,313 @@
+"""infer.py end to end: texts, pairs, files, JSON, the dev-set sweep, and every kind of bad input.
+
+Most runs call infer.main(argv) in this process (the same code path as the command line, in a fraction
+of the time); a few run `python infer.py` as a real subprocess, to see what a user sees.
+"""
+
+import importlib.util
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import write_tiny_checkpoint
+from deebert.checkpoint import save_checkpoint
+from deebert.tokenizer import Tokenizer
+from test_exit import one_thread, tiny_deebert  # noqa: F401  (one_thread: an autouse fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+SHORT = ["--max_length", "32"]  # the tiny model has 64 positions, fewer than the default 128
+LONG_TEXT = " ".join(["the cat sat on the mat"] * 10)  # 62 tokens with [CLS] and [SEP]
+
+
+def load_infer():
+    spec = importlib.util.spec_from_file_location("infer", ROOT / "infer.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+infer = load_infer()
+
+
+def fine_tuned(directory: Path, task: str, labels: tuple) -> Path:
+    """A tiny 'fine-tuned' checkpoint: random off-ramps, saved as train.py saves (config.task set)."""
+    model = tiny_deebert(directory / "pretrained", labels=labels)
+    model.config.task = task
+    return save_checkpoint(model, Tokenizer.from_dir(directory / "pretrained"), directory / task)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {
+        "sst-2": fine_tuned(root / "single", "sst-2", ("negative", "positive")),
+        "rte": fine_tuned(root / "pair", "rte", ("entailment", "not_entailment")),
+        "plain": write_tiny_checkpoint(root / "plain-bert"),
+    }
+
+
+def run(argv, capsys) -> tuple:
+    """infer.main(argv) in this process: (exit code, stdout, stderr)."""
+    try:
+        code = infer.main([str(a) for a in argv])
+    except SystemExit as stop:  # argparse's errors and --help
+        code = stop.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_process(argv, cwd, stdin=None) -> subprocess.CompletedProcess:
+    """python infer.py ... as a user runs it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, str(ROOT / "infer.py"), *map(str, argv)], cwd=cwd, input=stdin,
+                          capture_output=True, text=True, env=env, timeout=120)
+
+
+def assert_one_line_error(code, err, *fragments) -> None:
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Texts and pairs
+
+
+def test_one_text_as_a_user_runs_it(checkpoints, tmp_path):
+    done = run_process(["the cat sat on the mat", "--S", "0.4", "--model", checkpoints["sst-2"], *SHORT], tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert f"checkpoint: {checkpoints['sst-2']}" in done.stdout
+    assert "label: " in done.stdout and "probability" in done.stdout
+    assert "exit layer: " in done.stdout and " of 3" in done.stdout
+    assert "entropy per layer: 1: " in done.stdout
+
+
+def test_one_pair(checkpoints, capsys):
+    code, out, _ = run(["a man eats food", "a man eats", "--S", "0.4", "--model", checkpoints["rte"], *SHORT], capsys)
+    assert code == 0
+    label = next(line for line in out.splitlines() if line.startswith("label: "))
+    assert label.split()[1] in ("entailment", "not_entailment")
+
+
+def test_default_S_is_zero_and_says_so(checkpoints, capsys):
+    code, out, _ = run(["a good movie", "--model", checkpoints["sst-2"], *SHORT], capsys)
+    assert code == 0
+    assert "S = 0" in out and "no early exit" in out and "exit layer: 3 of 3" in out
+
+
+def test_S_above_ln_C_says_every_input_exits_at_layer_1(checkpoints, capsys):
+    code, out, _ = run(["a good movie", "--S", "0.8", "--model", checkpoints["sst-2"], *SHORT], capsys)
+    assert code == 0
+    assert "every input exits at layer 1" in out and "exit layer: 1 of 3" in out
+
+
+def test_a_long_text_is_truncated_and_the_output_says_so(checkpoints, capsys):
+    code, out, _ = run([LONG_TEXT, "--model", checkpoints["sst-2"], "--max_length", "16"], capsys)
+    assert code == 0 and "truncated" in out
+    code, out, _ = run(["a cat", "--model", checkpoints["sst-2"], "--max_length", "16"], capsys)
+    assert code == 0 and "truncated" not in out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Files, standard input, JSON
+
+
+def test_stdin_with_json_as_a_user_runs_it(checkpoints, tmp_path):
+    lines = "a man eats food\ta man eats\nthe dog runs\tthe cat sat on the mat\n"
+    done = run_process(["--file", "-", "--json", "--S", "0.4", "--model", checkpoints["rte"], *SHORT], tmp_path, lines)
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [(r["text"], r["text_b"]) for r in records] == [("a man eats food", "a man eats"),
+                                                           ("the dog runs", "the cat sat on the mat")]
+    for record in records:
+        assert set(record) == {"text", "text_b", "label", "probability", "exit_layer", "num_layers", "entropies",
+                               "truncated"}
+        assert len(record["entropies"]) == record["exit_layer"] and 0.5 <= record["probability"] <= 1
+        assert record["truncated"] is False
+
+
+def test_a_file_gives_the_same_answers_as_one_text_at_a_time(checkpoints, tmp_path, capsys):
+    texts = ["the cat sat on the mat", "a very bad movie", "not good", "the man runs", LONG_TEXT, "dog"]
+    path = tmp_path / "inputs.txt"
+    path.write_text("\n".join(texts) + "\n")
+    code, out, _ = run(["--file", path, "--json", "--S", "0.4", "--batch_size", "4",
+                        "--model", checkpoints["sst-2"], *SHORT], capsys)
+    assert code == 0
+    batched = [json.loads(line) for line in out.splitlines()]
+    assert [r["text"] for r in batched] == texts and [r["truncated"] for r in batched] == [False] * 4 + [True, False]
+    for text, record in zip(texts, batched):
+        code, out, _ = run([text, "--json", "--S", "0.4", "--model", checkpoints["sst-2"], *SHORT], capsys)
+        alone = json.loads(out)
+        assert (alone["label"], alone["exit_layer"]) == (record["label"], record["exit_layer"])
+        assert alone["probability"] == pytest.approx(record["probability"], abs=1e-5)
+
+
+def test_a_file_without_json_prints_one_line_per_input(checkpoints, tmp_path, capsys):
+    (tmp_path / "in.txt").write_text("a good movie\nbad\n")
+    code, out, _ = run(["--file", tmp_path / "in.txt", "--model", checkpoints["sst-2"], *SHORT], capsys)
+    assert code == 0
+    lines = [line for line in out.splitlines() if "exit 3/3" in line]
+    assert len(lines) == 2 and lines[0].split()[0] == "1" and lines[1].endswith("bad")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad input: exit code 2, one line "error: ...", no traceback
+
+
+def test_bad_input_as_a_user_sees_it(checkpoints, tmp_path):
+    for argv in (["a text", "--S", "abc", "--model", checkpoints["sst-2"]],
+                 ["a text", "--model", checkpoints["plain"], *SHORT]):
+        done = run_process(argv, tmp_path)
+        assert_one_line_error(done.returncode, done.stderr)
+        assert done.stdout == ""
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["", "--model", "{sst-2}"], ["the text is empty"]),
+    (["   ", "--model", "{sst-2}"], ["the text is empty"]),
+    (["a", "--model", "{missing}"], ["not found"]),
+    (["a", "--model", "{plain}"], ["has no off-ramps; fine-tune it first"]),
+    (["a", "--S", "-1", "--model", "{sst-2}"], ["--S", "-1", ">= 0"]),
+    (["a", "--S", "abc", "--model", "{sst-2}"], ["--S", "'abc' is not a number"]),
+    (["a", "--S", "nan", "--model", "{sst-2}"], ["--S", ">= 0"]),
+    (["a", "--S", "0.1", "0.2", "--model", "{sst-2}"], ["one --S"]),
+    (["premise", "hypothesis", "--model", "{sst-2}"], ["sst-2 classifies single texts; got 2"]),
+    (["premise only", "--model", "{rte}"], ["rte classifies pairs", "got 1"]),
+    (["a", "b", "", "--model", "{rte}"], ["got 3"]),
+    (["premise", "", "--model", "{rte}"], ["text 2 of the pair is empty"]),
+    (["--model", "{sst-2}"], ["nothing to do"]),
+    (["a", "--model", "{sst-2}", "--max_length", "1000"], ["--max_length 1000", "max_position_embeddings"]),
+    (["a", "--model", "{sst-2}", "--task", "rte"], ["fine-tuned on sst-2, not rte"]),
+    (["a", "--model", "{sst-2}", "--batch_size", "0"], ["--batch_size", "at least 1"]),
+    (["--model", "{sst-2}", "--file", "{missing}"], ["--file", "not found"]),
+    (["a", "--model", "{sst-2}", "--file", "{missing}"], ["texts on the command line or --file, not both"]),
+    (["--eval", "a", "--model", "{sst-2}"], ["--eval reads the dev set"]),
+    (["a", "--model", "{sst-2}", "--device", "tpu"], ["--device tpu"]),
+])
+def test_bad_input_gives_one_line_error(checkpoints, tmp_path, capsys, argv, fragments):
+    places = {"{missing}": str(tmp_path / "nowhere"), **{f"{{{k}}}": str(v) for k, v in checkpoints.items()}}
+    code, out, err = run(SHORT + [places.get(a, a) for a in argv], capsys)  # a later --max_length wins
+    assert_one_line_error(code, err, *fragments)
+
+
+@pytest.mark.parametrize("content, task, fragments", [
+    ("a man eats\ta man\nno tab here\n", "rte", ["line 2", "rte classifies pairs", "got 1"]),
+    ("a man eats\ta man\na\tb\tc\n", "rte", ["line 2", "got 3"]),
+    ("good movie\n\nbad movie\n", "sst-2", ["line 2", "empty"]),
+    ("good movie\nbad\tmovie\n", "sst-2", ["line 2", "single texts; got 2"]),
+    ("\tpremise missing\n", "rte", ["line 1", "text 1 of the pair is empty"]),
+    ("", "sst-2", ["holds no inputs"]),
+])
+def test_a_malformed_file_line_names_its_line(checkpoints, tmp_path, capsys, content, task, fragments):
+    path = tmp_path / "inputs.txt"
+    path.write_text(content)
+    code, _, err = run(["--file", path, "--model", checkpoints[task], *SHORT], capsys)
+    assert_one_line_error(code, err, str(path), *fragments)
+
+
+def test_a_malformed_stdin_line_names_its_line(checkpoints, capsys, monkeypatch):
+    import io
+    monkeypatch.setattr(sys, "stdin", io.StringIO("fine\ttoo\nnot fine\n"))
+    code, _, err = run(["--file", "-", "--model", checkpoints["rte"], *SHORT], capsys)
+    assert_one_line_error(code, err, "standard input line 2")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Finding the checkpoint: runs/<task>, else the newest runs/*
+
+
+def test_the_default_checkpoint_is_under_runs(checkpoints, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(["a good movie", *SHORT], capsys)
+    assert_one_line_error(code, err, "no fine-tuned checkpoint under runs/", "train first", "--model")
+    code, _, err = run(["a good movie", "--task", "sst-2", *SHORT], capsys)
+    assert_one_line_error(code, err, "runs/sst-2", "train first")
+
+    shutil.copytree(checkpoints["rte"], tmp_path / "runs" / "rte")
+    shutil.copytree(checkpoints["sst-2"], tmp_path / "runs" / "sst-2")
+    os.utime(tmp_path / "runs" / "rte" / "config.json", (1e9, 1e9))  # rte saved long ago, sst-2 just now
+    code, out, _ = run(["a good movie", *SHORT], capsys)
+    assert code == 0 and "checkpoint: runs/sst-2" in out
+    code, out, _ = run(["a man", "a woman", "--task", "rte", *SHORT], capsys)
+    assert code == 0 and "checkpoint: runs/rte" in out
+
+
+# ----------------------------------------------------------------------------------------------------
+# --eval on a tiny GLUE folder
+
+
+def write_sst2_dev(folder: Path, count: int = 24) -> Path:
+    words = "the cat sat on a mat dog is good bad movie not very man woman eats food runs".split()
+    generator = torch.Generator().manual_seed(1)
+    lines = ["sentence\tlabel"]
+    for k in range(count):
+        length = int(torch.randint(1, 15, (1,), generator=generator))
+        picks = torch.randint(0, len(words), (length,), generator=generator).tolist()
+        lines.append(" ".join(words[i] for i in picks) + f"\t{k % 2}")
+    (folder / "SST-2").mkdir(parents=True)
+    (folder / "SST-2" / "dev.tsv").write_text("\n".join(lines) + "\n")
+    return folder / "SST-2"
+
+
+def test_eval_sweeps_times_and_writes_the_csv_and_png(checkpoints, tmp_path, capsys):
+    data_dir = write_sst2_dev(tmp_path / "glue")
+    code, out, err = run(["--eval", "--model", checkpoints["sst-2"], "--data_dir", data_dir, "--S", "0", "0.3", "0.5",
+                          "0.8", "--eval_batch_size", "8", "--timing_examples", "6", "--out", tmp_path / "results",
+                          *SHORT], capsys)
+    assert code == 0, err
+    assert "SST-2 dev: 24 examples" in out
+    assert "accuracy  avg exit layer  expected saving" in out
+    assert "wall clock on 6 examples" in out and "torch threads" in out
+    assert "largest S within 1 points of the full model's accuracy: " in out
+    lines = (tmp_path / "results" / "tradeoff.csv").read_text().splitlines()
+    assert lines[0].startswith("S,accuracy,avg_exit_layer,expected_saving,drop,seconds_batch1,measured_saving_batch1,"
+                               "seconds_batch8,measured_saving_batch8")
+    assert [line.split(",")[0] for line in lines[1:]] == ["full", "0.0", "0.3", "0.5", "0.8"]
+    assert lines[-1].split(",")[3] == str(1 - 1 / 3)  # S = 0.8 > ln 2: everyone at layer 1
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "results" / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_eval_without_timing_uses_the_papers_thresholds(checkpoints, tmp_path, capsys):
+    data_dir = write_sst2_dev(tmp_path / "glue")
+    code, out, err = run(["--eval", "--model", checkpoints["sst-2"], "--data_dir", data_dir, "--no_timing",
+                          "--max_eval_examples", "10", "--out", tmp_path, *SHORT], capsys)
+    assert code == 0, err
+    assert "SST-2 dev: 10 examples" in out and "wall clock" not in out
+    assert len((tmp_path / "tradeoff.csv").read_text().splitlines()) == 1 + 1 + 13  # header, full, 13 thresholds
+
+
+def test_eval_on_a_task_without_data_is_a_one_line_error(checkpoints, tmp_path, capsys):
+    code, _, err = run(["--eval", "--model", checkpoints["sst-2"], "--data_dir", tmp_path, *SHORT], capsys)
+    assert_one_line_error(code, err, "--data_dir", "SST-2")
+
+
+# ----------------------------------------------------------------------------------------------------
+# --help
+
+
+def test_help_shows_every_option_with_its_default(capsys):
+    code, out, _ = run(["--help"], capsys)
+    assert code == 0
+    for action in infer.build_parser()._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.option_strings[0] in out
+            assert "default" in (action.help or ""), action.option_strings[0]
+
+
+def test_threshold_type_refuses_nan_and_negatives():
+    import argparse
+    assert infer.threshold("0.4") == 0.4 and infer.threshold("inf") == math.inf
+    for text in ("-1", "nan", "abc", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            infer.threshold(text)

@@ -1,0 +1,356 @@
+"""Fine-tune DeeBERT on a GLUE task in two loops (paper section 2, "Training").
+
+    python train.py --task rte                       # the authors' recipe on bert-base-uncased
+    python train.py --task rte --model DIR           # any BERT checkpoint directory (or hub id)
+
+Stage 1 is ordinary BERT fine-tuning: the embeddings, every layer and the LAST off-ramp learn from the
+last off-ramp's loss L_n. Stage 2 freezes all of that and trains only the other off-ramps f_1..f_{n-1}
+with L_1 + ... + L_{n-1}; the final off-ramp stays exactly as good as plain fine-tuned BERT.
+After each stage the dev set is scored at every off-ramp (the paper's per-layer view), and the result
+is saved as one self-contained checkpoint directory that infer.py loads with no other flag.
+
+Runs on CUDA when there is a GPU, and under `torchrun --nproc_per_node=N train.py ...` with
+DistributedDataParallel (each process takes every N-th example; only rank 0 prints and saves).
+"""
+
+import argparse
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from deebert.checkpoint import load_deebert, resolve, save_checkpoint
+from deebert.config import BertConfig
+from deebert.device import pick_device
+from deebert.errors import DeeBertError
+from deebert.glue import TASKS, compute_metrics, find_data_dir, get_task, read_split
+from deebert.tokenizer import Tokenizer, batches
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--task", required=True, help=f"GLUE task: {', '.join(TASKS)}")
+    p.add_argument("--model", default="bert-base-uncased", help="BERT checkpoint directory or Hugging Face hub id")
+    p.add_argument("--data_dir", default=None, help="folder with the task's train.tsv and dev.tsv (else $GLUE_DIR/<TASK>, else download)")
+    p.add_argument("--output_dir", default=None, help="where the fine-tuned checkpoint goes (default: runs/<task>)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir")
+    # The authors' recipe (their scripts; the same in the Hugging Face copy).
+    p.add_argument("--learning_rate", type=float, default=2e-5, help="stage 1 learning rate")
+    p.add_argument("--stage2_learning_rate", type=float, default=None, help="stage 2 learning rate (default: --learning_rate, as the paper)")
+    p.add_argument("--epochs", type=float, default=3, help="stage 1 epochs")
+    p.add_argument("--stage2_epochs", type=float, default=None, help="stage 2 epochs (default: --epochs, as the paper)")
+    p.add_argument("--batch_size", type=int, default=8, help="examples per step (per process under torchrun)")
+    p.add_argument("--max_length", type=int, default=128, help="tokens per input, after truncation")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient-norm clip")
+    p.add_argument("--warmup", type=float, default=0.0, help="fraction of steps with linearly rising learning rate; then linear decay to 0")
+    p.add_argument("--weight_decay", type=float, default=0.0)
+    p.add_argument("--adam_eps", type=float, default=1e-8)
+    # Options that depart from the paper (off by default; see OffRamp in deebert/model.py and the README).
+    p.add_argument("--pooling", choices=["cls", "mean"], default="cls",
+                   help="what an off-ramp reads: the [CLS] vector (paper) or the mean over tokens (for mean-pooled checkpoints such as all-MiniLM-L6-v2)")
+    # Size and speed.
+    p.add_argument("--max_train_examples", type=int, default=None, help="train on a seeded random subset of this size")
+    p.add_argument("--max_eval_examples", type=int, default=None, help="score only the first N dev examples")
+    p.add_argument("--eval_batch_size", type=int, default=64)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="mixed precision on CUDA")
+    p.add_argument("--log_every", type=int, default=50, help="print a progress line every N steps")
+    args = p.parse_args(argv)
+    args.stage2_learning_rate = args.stage2_learning_rate or args.learning_rate
+    args.stage2_epochs = args.epochs if args.stage2_epochs is None else args.stage2_epochs
+    return args
+
+
+def check_args(args, max_positions: int):
+    """Nonsensical numbers get a one-line error before any work is done."""
+    for name in ("batch_size", "eval_batch_size", "max_length", "log_every"):
+        if getattr(args, name) < 1:
+            raise DeeBertError(f"--{name} must be at least 1, not {getattr(args, name)}")
+    if args.max_length > max_positions:
+        raise DeeBertError(f"--max_length {args.max_length} exceeds the model's {max_positions} positions; use at most {max_positions}")
+    for name in ("learning_rate", "stage2_learning_rate"):
+        if not getattr(args, name) > 0:
+            raise DeeBertError(f"--{name} must be a positive number, not {getattr(args, name)}")
+    for name in ("epochs", "stage2_epochs", "weight_decay", "warmup", "max_grad_norm"):
+        if not getattr(args, name) >= 0:
+            raise DeeBertError(f"--{name} must be a non-negative number, not {getattr(args, name)}")
+    for name in ("max_train_examples", "max_eval_examples"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise DeeBertError(f"--{name} must be at least 1")
+    if args.amp != "none" and args.device == "cpu":
+        raise DeeBertError("--amp needs a GPU; drop it on the CPU")
+
+
+def check_output_dir(output_dir: Path, overwrite: bool):
+    """Fail before training, not after: a non-empty folder needs --overwrite, and we must be able to write."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise DeeBertError(f"--output_dir {output_dir} is a file; pass a directory")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
+        raise DeeBertError(f"--output_dir {output_dir} is not empty; pass --overwrite or another --output_dir")
+    parent = next(p for p in [output_dir, *output_dir.parents] if p.exists())
+    if not os.access(parent, os.W_OK):
+        raise DeeBertError(f"--output_dir {output_dir}: {parent} is not writable; choose another --output_dir")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The two losses, side by side
+
+
+def stage1_loss(model, batch):
+    """L_n: the last off-ramp's cross-entropy. Gradients flow through every layer into the embeddings."""
+    hidden_states = model.encoder(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
+    logits = model.off_ramps[-1](hidden_states[-1], batch["attention_mask"])
+    return F.cross_entropy(logits.float(), batch["labels"])
+
+
+def stage2_loss(model, batch):
+    """L_1 + ... + L_{n-1}: every other off-ramp's cross-entropy, on the frozen backbone's hidden states.
+
+    Deviation: the authors leave the frozen backbone in train mode (dropout on). We run it in eval mode
+    and without gradients: the off-ramps then learn from the very features they will see at inference,
+    and no backward pass goes through the backbone, which makes stage 2 several times faster.
+    """
+    with torch.no_grad():
+        hidden_states = model.encoder(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
+    losses = [F.cross_entropy(ramp(h, batch["attention_mask"]).float(), batch["labels"])
+              for ramp, h in zip(model.off_ramps[:-1], hidden_states[:-1])]
+    return sum(losses)
+
+
+def stage1_parameters(model):
+    """Stage 1 trains the embeddings, all n layers and the last off-ramp f_n."""
+    return [*model.encoder.parameters(), *model.off_ramps[-1].parameters()]
+
+
+def stage2_parameters(model):
+    """Stage 2 trains the off-ramps f_1 .. f_{n-1}, nothing else."""
+    return [p for ramp in model.off_ramps[:-1] for p in ramp.parameters()]
+
+
+class StageLoss(nn.Module):
+    """One stage's loss as a module, so that DistributedDataParallel can wrap it (DDP syncs gradients of
+    the parameters that require them, in the forward pass it runs)."""
+
+    def __init__(self, model, loss_fn):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, batch):
+        return self.loss_fn(self.model, batch)
+
+
+# ----------------------------------------------------------------------------------------------------
+# One training stage
+
+
+def train_stage(stage: int, model, examples, args, run) -> dict:
+    loss_fn, trainable = (stage1_loss, stage1_parameters(model)) if stage == 1 else (stage2_loss, stage2_parameters(model))
+    lr, epochs = (args.learning_rate, args.epochs) if stage == 1 else (args.stage2_learning_rate, args.stage2_epochs)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in trainable:
+        p.requires_grad_(True)
+    model.train()
+    if stage == 2:
+        model.encoder.eval()  # see stage2_loss: the frozen backbone runs as at inference
+    net = StageLoss(model, loss_fn)
+    if run.world_size > 1:
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+
+    steps_per_epoch = math.ceil((len(examples) // run.world_size) / args.batch_size)
+    total_steps = max(1, round(steps_per_epoch * epochs))
+    optimizer = torch.optim.AdamW(trainable, lr=lr, eps=args.adam_eps, weight_decay=args.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(args.warmup, total_steps))
+    scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16, enabled=args.amp != "none")
+
+    run.log(f"stage {stage}: {sum(p.numel() for p in trainable):,} trainable parameters, {total_steps} steps, lr {lr:g}")
+    step, seen, loss_sum, started = 0, 0, 0.0, time.perf_counter()
+    for epoch in range(math.ceil(epochs)):
+        for batch in batches(run.tokenizer, examples, args.batch_size, epoch_order(len(examples), args.seed, stage, epoch, run)):
+            if step == total_steps:
+                break
+            batch = {k: v.to(run.device) for k, v in batch.items()}
+            with autocast:
+                loss = net(batch)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            schedule.step()
+            step, seen, loss_sum = step + 1, seen + len(batch["labels"]) * run.world_size, loss_sum + loss.item()
+            if step % args.log_every == 0 or step == total_steps:
+                run.log(progress_line(stage, epoch, step, total_steps, loss_sum / step, seen, started))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return {"steps": step, "examples_per_second": seen / (time.perf_counter() - started), "seconds": time.perf_counter() - started}
+
+
+def linear_schedule(warmup_fraction: float, total_steps: int):
+    """Learning-rate factor: rises linearly over the warm-up steps, then falls linearly to 0."""
+    warmup = int(warmup_fraction * total_steps)
+
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return factor
+
+
+def epoch_order(n: int, seed: int, stage: int, epoch: int, run) -> list:
+    """A seeded shuffle, the same in every process; process r takes every world_size-th example from r.
+
+    The tail that does not divide by world_size is dropped, so every process takes the same number of steps.
+    """
+    generator = torch.Generator().manual_seed(seed * 1000 + stage * 100 + epoch)
+    order = torch.randperm(n, generator=generator).tolist()
+    order = order[: n - n % run.world_size]
+    return order[run.rank :: run.world_size]
+
+
+def progress_line(stage, epoch, step, total_steps, mean_loss, seen, started) -> str:
+    elapsed = time.perf_counter() - started
+    left = elapsed / step * (total_steps - step)
+    return (f"stage {stage} | epoch {epoch + 1} | step {step:>5}/{total_steps} | loss {mean_loss:.4f} | "
+            f"{seen / elapsed:6.1f} examples/s | {format_seconds(elapsed)} elapsed, {format_seconds(left)} left")
+
+
+def format_seconds(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes}m{seconds:02d}s"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation: every off-ramp on the dev set
+
+
+@torch.no_grad()
+def evaluate_off_ramps(model, examples, task, tokenizer, batch_size, device) -> list:
+    """The dev metric of every off-ramp, as if each were the only exit: one dict per layer."""
+    model.eval()
+    predictions, labels = [[] for _ in model.off_ramps], []
+    for batch in batches(tokenizer, examples, batch_size):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        for layer, logits in enumerate(model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])):
+            predictions[layer].append(logits.argmax(-1).cpu())
+        labels.append(batch["labels"].cpu())
+    labels = torch.cat(labels)
+    return [compute_metrics(task, torch.cat(p).numpy(), labels.numpy()) for p in predictions]
+
+
+def per_layer_table(results: list, task, trained_layers: int) -> str:
+    """The paper's per-layer view: one row per off-ramp, its metric(s) on the dev set."""
+    header = "layer | " + " | ".join(f"{m:>8}" for m in task.metrics)
+    rows = [header, "-" * len(header)]
+    for layer, metrics in enumerate(results, start=1):
+        note = "" if layer > len(results) - trained_layers else "  (not trained yet)"
+        rows.append(f"{layer:>5} | " + " | ".join(f"{100 * metrics[m]:8.2f}" for m in task.metrics) + note)
+    return "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Processes, devices, main
+
+
+class Run:
+    """What one process knows: its rank, the device, the tokenizer, and whether it may print."""
+
+    def __init__(self, args):
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        if self.world_size > 1:
+            cuda = args.device != "cpu" and torch.cuda.is_available()
+            dist.init_process_group("nccl" if cuda else "gloo")
+            self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if cuda else torch.device("cpu")
+        else:
+            self.device = pick_device(args.device)
+        self.tokenizer = None
+
+    def log(self, message=""):
+        if self.rank == 0:
+            print(message, flush=True)
+
+    def barrier(self):
+        if self.world_size > 1:
+            dist.barrier()
+
+    def close(self):
+        if self.world_size > 1:
+            dist.destroy_process_group()
+
+
+def load_data(task, args, run):
+    data_dir = find_data_dir(task, args.data_dir)
+    train = read_split(task, data_dir, "train")
+    dev = read_split(task, data_dir, task.dev_splits[0])
+    if args.max_train_examples and args.max_train_examples < len(train):
+        keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[: args.max_train_examples]
+        train = [train[i] for i in sorted(keep.tolist())]
+    dev = dev[: args.max_eval_examples]
+    if len(train) < run.world_size:
+        raise DeeBertError(f"{len(train)} training examples cannot be shared among {run.world_size} processes")
+    run.log(f"data: {len(train):,} train and {len(dev):,} dev examples from {data_dir}")
+    return train, dev
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    task = get_task(args.task)
+    output_dir = Path(args.output_dir or Path("runs") / task.name)
+    model_dir = resolve(args.model)
+    check_args(args, BertConfig.from_file(model_dir / "config.json").max_position_embeddings)
+    run = Run(args)
+    if run.rank == 0:
+        check_output_dir(output_dir, args.overwrite)
+    train, dev = load_data(task, args, run)
+
+    torch.manual_seed(args.seed)  # the fresh off-ramp classifiers, dropout, and everything after
+    model = load_deebert(model_dir, labels=list(task.labels), pooling=args.pooling)
+    model.config.task = task.name
+    model.to(run.device)
+    run.tokenizer = Tokenizer.from_dir(model_dir, max_length=args.max_length)
+    run.log(f"model: {model_dir} ({model.num_layers} layers, hidden {model.config.hidden_size}, "
+            f"off-ramps read {args.pooling}), device {run.device}, {torch.get_num_threads()} threads, {run.world_size} process(es)")
+
+    results = {}
+    for stage in (1, 2):
+        stats = train_stage(stage, model, train, args, run)
+        if run.rank == 0:
+            started = time.perf_counter()
+            per_layer = evaluate_off_ramps(model, dev, task, run.tokenizer, args.eval_batch_size, run.device)
+            run.log(f"\nstage {stage} done in {format_seconds(stats['seconds'])} "
+                    f"({stats['examples_per_second']:.1f} examples/s); dev, every off-ramp "
+                    f"({format_seconds(time.perf_counter() - started)}):")
+            run.log(per_layer_table(per_layer, task, trained_layers=1 if stage == 1 else model.num_layers) + "\n")
+            results[f"stage{stage}"] = {**stats, "dev_per_layer": per_layer}
+        run.barrier()
+
+    if run.rank == 0:
+        save_checkpoint(model, run.tokenizer, output_dir, overwrite=args.overwrite, extra_json={
+            "training_args.json": vars(args),
+            "results.json": {"task": task.name, "dev_split": task.dev_splits[0], "num_dev_examples": len(dev), **results},
+        })
+        example = '"premise" "hypothesis"' if task.is_pair else '"some text"'
+        run.log(f"saved {output_dir}; try: python infer.py --model {output_dir} {example} --S 0.3")
+    run.barrier()
+    run.close()
+    return model, results
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except DeeBertError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
