@@ -138,17 +138,20 @@ def find_checkpoint(model_arg, task_name) -> Path:
     """--model, else runs/<task>, else the runs/* whose config.json was written last (train.py's output)."""
     if model_arg:
         path = Path(model_arg)
-        if not path.exists() and path.parent.is_dir() and str(path.parent) != ".":  # e.g. runs/rtee: a typo, not a hub id
+        typo = not path.exists() and path.parent.is_dir() and str(path.parent) != "."  # runs/rtee, not a hub id
+        if typo:
             raise DeeBertError(f"checkpoint directory {model_arg} not found; train first or pass --model DIR")
         return resolve(model_arg)  # a local directory, or a hub id (it would need off-ramps, though)
     if task_name:
         candidate = RUNS_DIR / get_task(task_name).name
         if not (candidate / "config.json").is_file():
-            raise DeeBertError(f"no checkpoint in {candidate}; train first (python train.py --task {task_name}) or pass --model DIR")
+            raise DeeBertError(f"no checkpoint in {candidate}; train first (python train.py --task {task_name}) "
+                               f"or pass --model DIR")
         return candidate
     candidates = [d for d in RUNS_DIR.iterdir() if (d / "config.json").is_file()] if RUNS_DIR.is_dir() else []
     if not candidates:
-        raise DeeBertError(f"no fine-tuned checkpoint under {RUNS_DIR}/; train first (python train.py --task rte) or pass --model DIR")
+        raise DeeBertError(f"no fine-tuned checkpoint under {RUNS_DIR}/; train first (python train.py --task rte) "
+                           f"or pass --model DIR")
     return max(candidates, key=lambda d: (d / "config.json").stat().st_mtime)
 
 
@@ -157,7 +160,8 @@ def checkpoint_task(config, task_name):
     if config.task is None and task_name is None:
         raise DeeBertError("the checkpoint's config.json names no task; pass --task (sst-2, rte, ...)")
     if config.task is not None and task_name is not None and get_task(task_name).name != get_task(config.task).name:
-        raise DeeBertError(f"the checkpoint was fine-tuned on {config.task}, not {task_name}; drop --task or pass another --model")
+        raise DeeBertError(f"the checkpoint was fine-tuned on {config.task}, not {task_name}; "
+                           f"drop --task or pass another --model")
     return get_task(config.task or task_name)
 
 
@@ -188,14 +192,16 @@ def label_names(model, task) -> list:
 # The inputs: texts on the command line, or one per line of a file
 
 
-def check_texts(texts: list, task, where: str) -> tuple:
-    """A list of 1 or 2 texts -> (text_a, text_b or None), checked against the task's shape."""
+def check_texts(texts: list, task, where: str, separator: str = "") -> tuple:
+    """A list of 1 or 2 texts -> (text_a, text_b or None), checked against the task's shape.
+
+    `where` says where the texts came from, `separator` how a file separates the two texts of a pair.
+    """
     if task.is_pair and len(texts) != 2:
         raise DeeBertError(f"{where}: {task.name} classifies pairs (premise, hypothesis); got {len(texts)} text(s), "
-                           f"give two (in a file: two fields separated by a tab)")
+                           f"give two{separator}")
     if not task.is_pair and len(texts) != 1:
-        raise DeeBertError(f"{where}: {task.name} classifies single texts; got {len(texts)} "
-                           f"(in a file: tab-separated fields), give one")
+        raise DeeBertError(f"{where}: {task.name} classifies single texts; got {len(texts)}{separator}, give one")
     for number, text in enumerate(texts, start=1):
         if not text.strip():
             which = f"text {number} of the pair" if task.is_pair else "the text"
@@ -223,7 +229,7 @@ def file_inputs(file_arg: str, task) -> list:
         lines.pop()  # the newline that ends the last line
     if not lines:
         raise DeeBertError(f"{name} holds no inputs; give one input per line")
-    return [check_texts(line.removesuffix("\r").split("\t"), task, f"{name} line {number}")
+    return [check_texts(line.removesuffix("\r").split("\t"), task, f"{name} line {number}", " separated by a tab")
             for number, line in enumerate(lines, start=1)]
 
 
@@ -232,7 +238,7 @@ def file_inputs(file_arg: str, task) -> list:
 
 
 def classify(model, tokenizer, inputs: list, S: float, batch_size: int) -> list:
-    """[(text_a, text_b)] -> one dict per input: label id, probabilities, exit layer, entropies, truncated."""
+    """[(text_a, text_b)] -> one dict per input: probabilities, exit layer, entropies (one per layer run), truncated."""
     results = []
     for start in range(0, len(inputs), batch_size):
         chunk = inputs[start:start + batch_size]
@@ -285,13 +291,15 @@ def print_many(text_pairs: list, results: list, labels: list, num_layers: int, m
         text = pair[0] if pair[1] is None else f"{pair[0]} | {pair[1]}"
         shown = text if len(text) <= 60 else text[:57] + "..."
         cut = f"  (truncated to {max_length} tokens)" if result["truncated"] else ""
-        print(f"{number:>4}  {labels[best]}  p={probabilities[best]:.3f}  exit {result['exit_layer']}/{num_layers}  {shown}{cut}")
+        exit_layer = f"exit {result['exit_layer']}/{num_layers}"
+        print(f"{number:>4}  {labels[best]}  p={probabilities[best]:.3f}  {exit_layer}  {shown}{cut}")
 
 
 def threshold_notes(args, S: float, num_classes: int, explicit: bool) -> None:
     say(args, f"S = {S:g}")
     if not explicit:
-        say(args, "note: S = 0 means no early exit: every input runs all layers (the fine-tuned BERT); pass --S 0.4 to exit early")
+        say(args, "note: S = 0 means no early exit: every input runs all layers (the fine-tuned BERT); "
+                  "pass --S 0.4 to exit early")
     if S > math.log(num_classes):
         say(args, f"note: S = {S:g} is above ln {num_classes} = {math.log(num_classes):.3f}, the largest entropy "
                   f"{num_classes} classes can have: every input exits at layer 1")
@@ -367,7 +375,8 @@ def run_eval(args) -> None:
     batches = encode_batches(tokenizer, examples, args.eval_batch_size)
     truncated = sum(int(batch["truncated"].sum()) for batch in batches)
     if truncated:
-        print(f"note: {truncated} of {len(examples)} {args.split} inputs were longer than {args.max_length} tokens and were truncated")
+        print(f"note: {truncated} of {len(examples)} {args.split} inputs were longer than {args.max_length} tokens "
+              f"and were truncated")
     start = time.perf_counter()
     all_logits, labels = full_pass(model, batches)
     print(f"{task.folder} {args.split}: {len(examples)} examples through all {model.num_layers} layers and off-ramps "

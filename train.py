@@ -167,7 +167,7 @@ def train_stage(stage: int, model, examples, args, run) -> dict:
 
     steps_per_epoch = math.ceil((len(examples) // run.world_size) / args.batch_size)
     total_steps = max(1, round(steps_per_epoch * epochs))
-    optimizer = torch.optim.AdamW(trainable, lr=lr, eps=args.adam_eps, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(weight_decay_groups(trainable, args.weight_decay), lr=lr, eps=args.adam_eps)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(args.warmup, total_steps))
     scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16, enabled=args.amp != "none")
@@ -194,6 +194,12 @@ def train_stage(stage: int, model, examples, args, run) -> dict:
     for p in model.parameters():
         p.requires_grad_(False)
     return {"steps": step, "examples_per_second": seen / (time.perf_counter() - started), "seconds": time.perf_counter() - started}
+
+
+def weight_decay_groups(parameters, weight_decay: float) -> list:
+    """Decay matrices only; biases and LayerNorm scales (1-D) are left alone, as BERT's recipes do."""
+    return [{"params": [p for p in parameters if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in parameters if p.ndim < 2], "weight_decay": 0.0}]
 
 
 def linear_schedule(warmup_fraction: float, total_steps: int):
