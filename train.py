@@ -31,6 +31,7 @@ from deebert.device import pick_device
 from deebert.errors import DeeBertError
 from deebert.glue import TASKS, compute_metrics, find_data_dir, get_task, read_split
 from deebert.tokenizer import Tokenizer, batches
+from deebert.tradeoff import full_pass
 
 
 def parse_args(argv=None):
@@ -71,9 +72,11 @@ def parse_args(argv=None):
 
 def check_args(args, max_positions: int):
     """Nonsensical numbers get a one-line error before any work is done."""
-    for name in ("batch_size", "eval_batch_size", "max_length", "log_every"):
+    for name in ("batch_size", "eval_batch_size", "log_every"):
         if getattr(args, name) < 1:
             raise DeeBertError(f"--{name} must be at least 1, not {getattr(args, name)}")
+    if args.max_length < 8:
+        raise DeeBertError(f"--max_length {args.max_length} is too short for [CLS] a [SEP] b [SEP]; use at least 8")
     if args.max_length > max_positions:
         raise DeeBertError(f"--max_length {args.max_length} exceeds the model's {max_positions} positions; use at most {max_positions}")
     for name in ("learning_rate", "stage2_learning_rate"):
@@ -241,18 +244,10 @@ def format_seconds(seconds: float) -> str:
 # Evaluation: every off-ramp on the dev set
 
 
-@torch.no_grad()
-def evaluate_off_ramps(model, examples, task, tokenizer, batch_size, device) -> list:
+def evaluate_off_ramps(model, examples, task, tokenizer, batch_size) -> list:
     """The dev metric of every off-ramp, as if each were the only exit: one dict per layer."""
-    model.eval()
-    predictions, labels = [[] for _ in model.off_ramps], []
-    for batch in batches(tokenizer, examples, batch_size):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        for layer, logits in enumerate(model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])):
-            predictions[layer].append(logits.argmax(-1).cpu())
-        labels.append(batch["labels"].cpu())
-    labels = torch.cat(labels)
-    return [compute_metrics(task, torch.cat(p).numpy(), labels.numpy()) for p in predictions]
+    logits, labels = full_pass(model, batches(tokenizer, examples, batch_size))  # (N, n, C), (N,)
+    return [compute_metrics(task, logits[:, layer].argmax(-1).numpy(), labels.numpy()) for layer in range(logits.shape[1])]
 
 
 def per_layer_table(results: list, task, trained_layers: int) -> str:
@@ -334,7 +329,7 @@ def main(argv=None):
         stats = train_stage(stage, model, train, args, run)
         if run.rank == 0:
             started = time.perf_counter()
-            per_layer = evaluate_off_ramps(model, dev, task, run.tokenizer, args.eval_batch_size, run.device)
+            per_layer = evaluate_off_ramps(model, dev, task, run.tokenizer, args.eval_batch_size)
             run.log(f"\nstage {stage} done in {format_seconds(stats['seconds'])} "
                     f"({stats['examples_per_second']:.1f} examples/s); dev, every off-ramp "
                     f"({format_seconds(time.perf_counter() - started)}):")

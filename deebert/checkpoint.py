@@ -136,9 +136,16 @@ def resolve(source) -> Path:
         return path
     if path.exists():
         raise DeeBertError(f"{source} is a file; pass the checkpoint directory that holds config.json")
-    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", str(source)) or str(source).startswith("."):
+    if _looks_local(str(source)):
         raise DeeBertError(f"checkpoint directory {source} not found; pass a directory with config.json and model.safetensors")
     return _download_from_hub(str(source))
+
+
+def _looks_local(source: str) -> bool:
+    """A path, not a hub id ("bert-base-uncased", "org/name"): absolute, relative, or inside a folder that exists here."""
+    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", source) or source.startswith("."):
+        return True
+    return "/" in source and Path(source.split("/")[0]).is_dir()  # "runs/rtee": a typo, not the hub
 
 
 def _download_from_hub(repo_id: str) -> Path:
@@ -206,7 +213,7 @@ def load_deebert(source, labels: list | None = None, pooling: str | None = None)
         model = DeeBert(config)
     _fill(model, weights, path)
     _materialize_missing(model)
-    return model
+    return model.eval()  # train.py switches to training mode itself
 
 
 def _pooler_into_every_off_ramp(weights: dict, num_layers: int) -> dict:

@@ -30,6 +30,8 @@ class Tokenizer:
         self.set_max_length(max_length)
 
     def set_max_length(self, max_length: int) -> None:
+        if max_length < 4:  # below that, tokenizers silently skips truncation altogether
+            raise DeeBertError(f"max_length {max_length} leaves no room for [CLS] a [SEP] b [SEP]; use at least 8")
         self.max_length = max_length
         self.backend.enable_truncation(max_length, strategy="longest_first")
         self.backend.enable_padding(pad_id=self.pad_id, pad_token="[PAD]")  # no length: pad to the longest

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from deebert import safetensors
-from deebert.checkpoint import checkpoint_name
+from deebert.checkpoint import checkpoint_name, load_deebert
 from deebert.config import BertConfig
 from deebert.model import BertModel, init_weights
 
@@ -76,3 +76,33 @@ def glue_dir() -> Path:
     if not path or not Path(path).is_dir():
         pytest.skip("real GLUE data absent: set GLUE_DIR to a folder of GLUE task folders")
     return Path(path)
+
+
+SCALES = (100, 200, 300)  # classifier weight factor per off-ramp: more confident higher up
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices on a shared machine: one thread is ~100x faster than several fighting for cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_deebert(directory, labels=("no", "yes"), pooling=None, scales=SCALES):
+    """A tiny DeeBert whose off-ramps' entropies spread over (0, ln 2), differently for different inputs.
+
+    With BERT's initialisation (std 0.02) attention is almost uniform and [CLS] is nearly the same vector
+    for every input; larger word embeddings and attention weights make it depend on the input. The
+    off-ramps' classifier weights times `scales` make them confident to different degrees.
+    """
+    model = load_deebert(write_tiny_checkpoint(directory), labels=list(labels), pooling=pooling)
+    with torch.no_grad():
+        model.encoder.embeddings.word_embeddings.weight.mul_(50)
+        for layer in model.encoder.layers:
+            for linear in (layer.attention.query, layer.attention.key, layer.attention.value, layer.attention.output):
+                linear.weight.mul_(10)
+        for ramp, scale in zip(model.off_ramps, scales):
+            ramp.classifier.weight.mul_(scale)
+    return model.eval()

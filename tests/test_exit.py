@@ -9,43 +9,13 @@ import math
 import pytest
 import torch
 
-from conftest import TINY_VOCAB, write_tiny_checkpoint
+from conftest import SCALES, TINY_VOCAB, tiny_deebert, write_tiny_checkpoint
 from deebert.checkpoint import load_deebert
 from deebert.errors import DeeBertError
 from deebert.exit import (early_exit, early_exit_batch, entropy, exit_layers_from_entropies, expected_saving,
                           trim_padding)
 
 N_LAYERS = 3
-SCALES = (100, 200, 300)  # classifier weight factor per off-ramp: more confident higher up
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices on a shared machine: one thread is ~100x faster than several fighting for cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny_deebert(directory, labels=("no", "yes"), pooling=None, scales=SCALES):
-    """A tiny DeeBert whose off-ramps' entropies spread over (0, ln 2), differently for different inputs.
-
-    With BERT's initialisation (std 0.02) attention is almost uniform and [CLS] is nearly the same vector
-    for every input; larger word embeddings and attention weights make it depend on the input. The
-    off-ramps' classifier weights times `scales` make them confident to different degrees.
-    """
-    model = load_deebert(write_tiny_checkpoint(directory), labels=list(labels), pooling=pooling)
-    with torch.no_grad():
-        model.encoder.embeddings.word_embeddings.weight.mul_(50)
-        for layer in model.encoder.layers:
-            for linear in (layer.attention.query, layer.attention.key, layer.attention.value, layer.attention.output):
-                linear.weight.mul_(10)
-        for ramp, scale in zip(model.off_ramps, scales):
-            ramp.classifier.weight.mul_(scale)
-    return model.eval()
-
-
 def random_batch(size=100, min_length=3, max_length=20, seed=0) -> dict:
     """Right-padded random inputs of mixed lengths: [CLS] tokens... [SEP] [PAD]...; half of them pairs."""
     generator = torch.Generator().manual_seed(seed)

@@ -16,10 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import write_tiny_checkpoint
+from conftest import tiny_deebert, write_tiny_checkpoint
 from deebert.checkpoint import save_checkpoint
 from deebert.tokenizer import Tokenizer
-from test_exit import one_thread, tiny_deebert  # noqa: F401  (one_thread: an autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHORT = ["--max_length", "32"]  # the tiny model has 64 positions, fewer than the default 128

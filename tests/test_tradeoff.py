@@ -7,13 +7,13 @@ import sys
 import pytest
 import torch
 
+from conftest import tiny_deebert
 from deebert.errors import DeeBertError
 from deebert.exit import entropy
 from deebert.glue import Example, get_task
 from deebert.tokenizer import Tokenizer
 from deebert.tradeoff import (choose_S, encode_batches, full_model_logits, full_pass, measure_wall_clock, plot,
                               predictions_at_exit, sweep, write_csv)
-from test_exit import one_thread, tiny_deebert  # noqa: F401  (one_thread: an autouse fixture)
 
 SST2 = get_task("sst-2")
 
