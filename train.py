@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from deebert.checkpoint import load_deebert, resolve, save_checkpoint
@@ -30,6 +29,7 @@ from deebert.config import BertConfig
 from deebert.device import pick_device
 from deebert.errors import DeeBertError
 from deebert.glue import TASKS, compute_metrics, find_data_dir, get_task, read_split
+from deebert.stages import prepare_stage
 from deebert.tokenizer import Tokenizer, batches
 from deebert.tradeoff import full_pass
 
@@ -104,38 +104,7 @@ def check_output_dir(output_dir: Path, overwrite: bool):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The two losses, side by side
-
-
-def stage1_loss(model, batch):
-    """L_n: the last off-ramp's cross-entropy. Gradients flow through every layer into the embeddings."""
-    hidden_states = model.encoder(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
-    logits = model.off_ramps[-1](hidden_states[-1], batch["attention_mask"])
-    return F.cross_entropy(logits.float(), batch["labels"])
-
-
-def stage2_loss(model, batch):
-    """L_1 + ... + L_{n-1}: every other off-ramp's cross-entropy, on the frozen backbone's hidden states.
-
-    Deviation: the authors leave the frozen backbone in train mode (dropout on). We run it in eval mode
-    and without gradients: the off-ramps then learn from the very features they will see at inference,
-    and no backward pass goes through the backbone, which makes stage 2 several times faster.
-    """
-    with torch.no_grad():
-        hidden_states = model.encoder(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
-    losses = [F.cross_entropy(ramp(h, batch["attention_mask"]).float(), batch["labels"])
-              for ramp, h in zip(model.off_ramps[:-1], hidden_states[:-1])]
-    return sum(losses)
-
-
-def stage1_parameters(model):
-    """Stage 1 trains the embeddings, all n layers and the last off-ramp f_n."""
-    return [*model.encoder.parameters(), *model.off_ramps[-1].parameters()]
-
-
-def stage2_parameters(model):
-    """Stage 2 trains the off-ramps f_1 .. f_{n-1}, nothing else."""
-    return [p for ramp in model.off_ramps[:-1] for p in ramp.parameters()]
+# One training stage (the two losses and what each stage trains: deebert/stages.py)
 
 
 class StageLoss(nn.Module):
@@ -150,20 +119,10 @@ class StageLoss(nn.Module):
         return self.loss_fn(self.model, batch)
 
 
-# ----------------------------------------------------------------------------------------------------
-# One training stage
-
-
 def train_stage(stage: int, model, examples, args, run) -> dict:
-    loss_fn, trainable = (stage1_loss, stage1_parameters(model)) if stage == 1 else (stage2_loss, stage2_parameters(model))
+    """Stage 1 or 2 of paper section 2: freeze what the stage does not train, then AdamW over the examples."""
+    trainable, loss_fn = prepare_stage(model, stage)  # stage 1: backbone + f_n on L_n; stage 2: f_1..f_{n-1}
     lr, epochs = (args.learning_rate, args.epochs) if stage == 1 else (args.stage2_learning_rate, args.stage2_epochs)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in trainable:
-        p.requires_grad_(True)
-    model.train()
-    if stage == 2:
-        model.encoder.eval()  # see stage2_loss: the frozen backbone runs as at inference
     net = StageLoss(model, loss_fn)
     if run.world_size > 1:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[run.device.index] if run.device.type == "cuda" else None)

@@ -14,8 +14,8 @@ threads; `torch.inference_mode` for both) when transformers is installed:
               full model (all layers, only the last off-ramp), at batch 1 (`early_exit`) and batch 32
               (`early_exit_batch`); plus, at batch 1, the same exit loop written on transformers' own
               layers (the Hugging Face DeeBERT way), so our loop's overhead can be compared.
-3. train      training throughput of stage 1 and stage 2 (train.py's losses, an AdamW step), and a
-              transformers stage 1 (BertModel + a linear head on the pooler).
+3. train      training throughput of stage 1 and stage 2 (train.py's losses, an AdamW step) on one batch
+              of 32 real training examples, and a transformers stage 1 (BertModel + a linear head on the pooler).
 4. load       time and peak memory (RSS) to load the checkpoint, each in a fresh Python process.
 5. gpu        on CUDA only: forward at larger batches in fp32 and bf16, and the fraction of the GPU's
               peak matrix throughput that it reaches.
@@ -29,11 +29,9 @@ layers skipped; below 1.0 the embeddings, the off-ramps on the way and the per-l
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -50,6 +48,7 @@ from deebert.device import pick_device
 from deebert.errors import DeeBertError
 from deebert.exit import early_exit, early_exit_batch, entropy, exit_layers_from_entropies, expected_saving
 from deebert.glue import Example, find_data_dir, get_task, read_split
+from deebert.stages import prepare_stage
 from deebert.tokenizer import Tokenizer
 from deebert.tradeoff import encode_batches, full_model_logits, full_pass
 
@@ -178,6 +177,7 @@ def import_transformers(wanted: bool):
     except ImportError:
         return None
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars on stderr
     return transformers
 
 
@@ -370,9 +370,11 @@ def bench_early_exit(checkpoint, data_dir, device, transformers, S_values, repea
     one = [on_device(b, device) for b in encode_batches(tokenizer, dev, 1)]
     many = [on_device(b, device) for b in encode_batches(tokenizer, dev, batch_size)]
     rows = expected_rows(model, many, S_values)
-    N, warm = len(dev), min(warmup, 1)  # a warm-up pass over every example is plenty
-    timed_1 = time_interleaved(exit_calls(model, hf, one, S_values, True), repeats, warm, device)
-    timed_B = time_interleaved(exit_calls(model, hf, many, S_values, False), repeats, warm, device)
+    N = len(dev)
+    time_interleaved(exit_calls(model, hf, one[:8], S_values, True), 0, warmup, device)  # warm-up: a few examples
+    time_interleaved(exit_calls(model, hf, many[:1], S_values, False), 0, warmup, device)
+    timed_1 = time_interleaved(exit_calls(model, hf, one, S_values, True), repeats, 0, device)
+    timed_B = time_interleaved(exit_calls(model, hf, many, S_values, False), repeats, 0, device)
     for row in rows:
         row["batch_1"] = measured(timed_1, row["S"], row["expected_saving"], N)
         row[f"batch_{batch_size}"] = measured(timed_B, row["S"], row["expected_saving"], N)
@@ -391,24 +393,9 @@ def bench_early_exit(checkpoint, data_dir, device, transformers, S_values, repea
 # 3. Training throughput
 
 
-def train_script():
-    """train.py beside the package: its losses and parameter lists are what we time. None when absent.
-
-    (Loaded by path: deebert/ otherwise never imports the scripts.)
-    """
-    path = Path(__file__).resolve().parents[1] / "train.py"
-    if not path.is_file():
-        return None
-    if "_deebert_train_script" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("_deebert_train_script", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        sys.modules["_deebert_train_script"] = module
-    return sys.modules["_deebert_train_script"]
-
-
 def training_examples(data_dir, count: int) -> tuple[list, tuple, str]:
-    """`count` training examples (SST-2 train, else RTE train, else the built-in pairs with made-up labels)."""
+    """`count` training examples, a seeded random draw from SST-2 train, else RTE train, else the built-in
+    pairs with made-up labels. Returns (examples, the task's label names, where they came from)."""
     for name in ("sst-2", "rte"):
         train = glue_examples(name, "train", data_dir)
         if train:
@@ -428,17 +415,9 @@ def optimizer_step(loss_fn, parameters, optimizer):
     return step
 
 
-def our_stage_step(train, model, stage: int):
-    """A step of our stage 1 or 2, with train_stage's setup: which parameters learn, which modules drop out."""
-    parameters = train.stage1_parameters(model) if stage == 1 else train.stage2_parameters(model)
-    loss = train.stage1_loss if stage == 1 else train.stage2_loss
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in parameters:
-        p.requires_grad_(True)
-    model.train()
-    if stage == 2:
-        model.encoder.eval()  # as train_stage: the frozen backbone runs as at inference
+def our_stage_step(model, stage: int):
+    """A step of our stage 1 or 2, set up as train.py sets it up: which parameters learn, which modules drop out."""
+    parameters, loss = prepare_stage(model, stage)
     optimizer = torch.optim.AdamW(parameters, lr=2e-5, eps=1e-8, weight_decay=0.0)
     return optimizer_step(lambda batch: loss(model, batch), parameters, optimizer)
 
@@ -470,21 +449,21 @@ def time_steps(steps: dict, batches: list, warmup: int, device) -> dict:
 
 
 def bench_training(model_dir, data_dir, device, transformers, steps: int, warmup: int, batch_size: int = 32) -> dict:
-    train = train_script()
-    if train is None:
-        return {"skipped": "train.py not found beside the deebert package"}
-    examples, labels, source = training_examples(data_dir, (warmup + steps) * batch_size)
+    """Examples per second of training steps, all on ONE batch of real examples: every step does the same work,
+    so the spread between steps is the machine's noise, not the batches' different lengths."""
+    examples, labels, source = training_examples(data_dir, batch_size)
     tokenizer = Tokenizer.from_dir(model_dir, max_length=seq_length(model_dir))
-    batches = [on_device(b, device) for b in encode_batches(tokenizer, examples, batch_size)]
+    batch = on_device(encode_batches(tokenizer, examples, batch_size)[0], device)
     torch.manual_seed(0)
     model = load_deebert(model_dir, labels=list(labels)).to(device)
     result = {"source": source, "batch_size": batch_size, "steps": steps, "unit": "examples per second",
-              "mean_tokens": sum(b["input_ids"].shape[1] for b in batches) / len(batches)}
-    stage1 = {"ours": our_stage_step(train, model, 1)}
+              "tokens": batch["input_ids"].shape[1]}
+    stage1 = {"ours": our_stage_step(model, 1)}
     if transformers:
         stage1["theirs"] = reference_stage1_step(transformers, model_dir, len(labels), device)
+    batches = [batch] * (warmup + steps)
     result["stage_1"] = compare(time_steps(stage1, batches, warmup, device), lambda s: rate(s, batch_size), {})
-    stage2 = time_steps({"ours": our_stage_step(train, model, 2)}, batches, warmup, device)
+    stage2 = time_steps({"ours": our_stage_step(model, 2)}, batches, warmup, device)
     result["stage_2"] = compare(stage2, lambda s: rate(s, batch_size), {})
     return result
 
@@ -495,17 +474,33 @@ def bench_training(model_dir, data_dir, device, transformers, steps: int, warmup
 LOAD_SCRIPT = r"""
 import json, resource, sys, time
 import torch
+
+
+# Peak RSS of this process in MB: VmHWM on Linux. ru_maxrss is no good here: Linux carries the parent's
+# peak over fork and exec, so a child of a big benchmark process would report the parent's.
+def peak():
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 ** 2 if sys.platform == "darwin" else 1024)
+
+
 kind, path, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
 torch.set_num_threads(threads)
+torch_only = peak()
+start = time.perf_counter()
 if kind == "ours":
     from deebert.checkpoint import load_bert as load
 else:
     import transformers
     transformers.logging.set_verbosity_error()
-    BertModel = transformers.BertModel  # the lazy import happens here, before the clock
+    transformers.utils.logging.disable_progress_bar()
+    BertModel = transformers.BertModel  # the lazy import happens here, before the load clock
     load = lambda p: BertModel.from_pretrained(p).eval()
-unit = 1 / 1024 if sys.platform != "darwin" else 1 / 1024 ** 2  # ru_maxrss: KiB on Linux, bytes on macOS
-peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit
+import_seconds = time.perf_counter() - start
 before = peak()
 start = time.perf_counter()
 model = load(path)
@@ -513,8 +508,8 @@ seconds = time.perf_counter() - start
 after_load = peak()
 with torch.inference_mode():
     model(torch.ones(1, 8, dtype=torch.long))  # touches every weight: memory-mapped pages come in here
-print(json.dumps({"seconds": seconds, "rss_before_mb": before, "peak_rss_mb": after_load,
-                  "peak_rss_after_forward_mb": peak()}))
+print(json.dumps({"seconds": seconds, "import_seconds": import_seconds, "rss_torch_mb": torch_only,
+                  "rss_before_mb": before, "peak_rss_mb": after_load, "peak_rss_after_forward_mb": peak()}))
 """
 
 
@@ -530,11 +525,13 @@ def load_once(kind: str, model_dir, threads: int) -> dict:
 
 
 def load_stats(runs: list) -> dict:
-    """Runs of load_once -> medians: seconds, and the peak RSS growth (MB) from before loading."""
+    """Runs of load_once -> seconds to load, to import the library, both; peak RSS growth (MB) while loading,
+    and in all (import, load, one forward) above a process that has imported torch only."""
     return {"seconds": summarize([r["seconds"] for r in runs]),
-            "rss_before_mb": statistics.median(r["rss_before_mb"] for r in runs),
+            "import_seconds": summarize([r["import_seconds"] for r in runs]),
+            "import_and_load_seconds": summarize([r["import_seconds"] + r["seconds"] for r in runs]),
             "load_peak_mb": statistics.median(r["peak_rss_mb"] - r["rss_before_mb"] for r in runs),
-            "forward_peak_mb": statistics.median(r["peak_rss_after_forward_mb"] - r["rss_before_mb"] for r in runs)}
+            "total_peak_mb": statistics.median(r["peak_rss_after_forward_mb"] - r["rss_torch_mb"] for r in runs)}
 
 
 def weights_mb(model_dir) -> dict:
@@ -553,9 +550,8 @@ def bench_loading(model_dir, transformers, repeats: int) -> dict:
     if transformers:
         result["theirs"] = load_stats(runs["theirs"])
         ours, theirs = result["ours"], result["theirs"]
-        result["ratio"] = {"seconds": ratio(ours["seconds"]["median"], theirs["seconds"]["median"]),
-                           "load_peak_mb": ratio(ours["load_peak_mb"], theirs["load_peak_mb"]),
-                           "forward_peak_mb": ratio(ours["forward_peak_mb"], theirs["forward_peak_mb"])}
+        result["ratio"] = {key: ratio(ours[key]["median"], theirs[key]["median"]) for key in ("seconds", "import_and_load_seconds")}
+        result["ratio"].update({key: ratio(ours[key], theirs[key]) for key in ("load_peak_mb", "total_peak_mb")})
     return result
 
 
@@ -597,7 +593,8 @@ def bench_gpu(model_dir, data_dir, device, transformers, batch_sizes, repeats: i
     tokenizer = Tokenizer.from_dir(model_dir, max_length=length)
     texts, _ = sentence_pairs(data_dir, max(batch_sizes))
     config = BertConfig.from_file(Path(model_dir) / "config.json")
-    ours, theirs = load_bert(model_dir), reference_bert(transformers, model_dir, "cpu") if transformers else None
+    ours = load_bert(model_dir)
+    theirs = reference_bert(transformers, model_dir, "cpu") if transformers else None
     rows = []
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         ours.to(device, dtype)
@@ -672,16 +669,17 @@ def print_early_exit(result: dict) -> None:
         rows.append([row["S"], f"{row['avg_exit_layer']:.2f}", f"{row['expected_saving']:.2f}", show(bB["ms_per_example"]),
                      f"{bB['measured_saving']:.2f}", show_number(bB["measured_over_expected"])])
     print(table(["S", "avg exit", "expected", f"batch {B}", "measured", "meas/exp"], rows))
+    print("   expected: share of layers skipped; measured: 1 - t(S) / t(full); meas/exp: measured / expected")
     if has_hf:
-        print("   HF loop: the same exits on transformers' layers; ratio = our loop / HF loop")
+        print("   HF loop: the same exit loop on transformers' layers (with our off-ramps); ratio = our loop / HF loop")
 
 
 def print_training(result: dict) -> None:
     if "skipped" in result:
         print(f"3. training: skipped: {result['skipped']}")
         return
-    print(f"3. training, batch {result['batch_size']}, {result['steps']} timed steps ({result['source']}, "
-          f"{result['mean_tokens']:.0f} tokens avg); examples per second")
+    print(f"3. training, {result['steps']} timed steps on one batch of {result['batch_size']} ({result['source']}, "
+          f"padded to {result['tokens']} tokens); examples per second")
     rows = [[f"stage {i}", show(result[f"stage_{i}"]["ours"], 1), show(result[f"stage_{i}"].get("theirs"), 1),
              show_number(result[f"stage_{i}"].get("ratio"))] for i in (1, 2)]
     print(table(["", "ours", "transformers", "ratio"], rows))
@@ -689,13 +687,16 @@ def print_training(result: dict) -> None:
 
 def print_loading(result: dict) -> None:
     w = result["weights"]
-    print(f"4. loading, fresh process each (weights: {w['file_mb']:.1f} MB file, {w['parameters_mb']:.1f} MB parameters)")
-    ours, theirs, r = result["ours"], result.get("theirs"), result.get("ratio", {})
-    rows = [["seconds", show(ours["seconds"]), show(theirs and theirs["seconds"]), show_number(r.get("seconds"))],
-            ["peak RSS growth, load (MB)", f"{ours['load_peak_mb']:.0f}", f"{theirs['load_peak_mb']:.0f}" if theirs else "-",
-             show_number(r.get("load_peak_mb"))],
-            ["peak RSS growth, + 1 forward (MB)", f"{ours['forward_peak_mb']:.0f}",
-             f"{theirs['forward_peak_mb']:.0f}" if theirs else "-", show_number(r.get("forward_peak_mb"))]]
+    print(f"4. loading, a fresh process each (weights: {w['file_mb']:.1f} MB file, {w['parameters_mb']:.1f} MB parameters)")
+    ours, theirs, r = result["ours"], result.get("theirs") or {}, result.get("ratio", {})
+    mb = lambda stats, key: f"{stats[key]:.0f}" if stats else "-"
+    rows = [["seconds to load", show(ours["seconds"]), show(theirs.get("seconds")), show_number(r.get("seconds"))],
+            ["seconds to import the library", show(ours["import_seconds"]), show(theirs.get("import_seconds")), ""],
+            ["seconds to import and load", show(ours["import_and_load_seconds"]), show(theirs.get("import_and_load_seconds")),
+             show_number(r.get("import_and_load_seconds"))],
+            ["peak RSS growth while loading (MB)", mb(ours, "load_peak_mb"), mb(theirs, "load_peak_mb"), show_number(r.get("load_peak_mb"))],
+            ["peak RSS over torch alone, after import, load, 1 forward (MB)", mb(ours, "total_peak_mb"),
+             mb(theirs, "total_peak_mb"), show_number(r.get("total_peak_mb"))]]
     print(table(["", "ours", "transformers", "ratio"], rows))
 
 
@@ -704,10 +705,14 @@ def print_gpu(result: dict) -> None:
         print(f"5. gpu: skipped: {result['skipped']}")
         return
     print(f"5. gpu, {result['gpu']}: forward throughput (examples/s) and fraction of the dense peak")
+    percent = lambda fraction: "-" if fraction is None else f"{100 * fraction:.1f}%"
     rows = [[r["dtype"], r["batch_size"], show(r["ours"], 0), show(r.get("theirs"), 0), show_number(r.get("ratio")),
-             f"{r['ours_tflops']:.1f}", show_number(r["ours_fraction_of_peak"]),
-             show_number(r.get("theirs_fraction_of_peak"))] for r in result["rows"]]
-    print(table(["dtype", "batch", "ours", "transformers", "ratio", "ours TFLOP/s", "ours/peak", "theirs/peak"], rows))
+             f"{r['ours_tflops']:.1f}", percent(r["ours_fraction_of_peak"]), percent(r.get("theirs_fraction_of_peak")),
+             show_number(r["peak_tflops"], 0)] for r in result["rows"]]
+    print(table(["dtype", "batch", "ours", "transformers", "ratio", "ours TFLOP/s", "ours of peak", "theirs of peak",
+                 "peak TFLOP/s"], rows))
+    if any(r["peak_tflops"] is None for r in result["rows"]):
+        print("   peak unknown for this GPU: pass --peak_tflops (its dense bf16 peak)")
 
 
 PRINTERS = {"forward": print_forward, "exit": print_early_exit, "train": print_training, "load": print_loading, "gpu": print_gpu}
@@ -727,24 +732,27 @@ def default_model() -> str | None:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m deebert.bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=default_model(), help="pretrained BERT checkpoint directory (sections 1, 3, 4, 5)")
+                                epilog="ratio = ours / theirs of time (of MB for memory): below 1.00 we are faster. "
+                                       "The module's docstring says more.")
+    p.add_argument("--model", default=default_model(),
+                   help="pretrained BERT checkpoint directory, sections 1, 3, 4, 5 (default: all-MiniLM-L6-v2 if installed)")
     p.add_argument("--checkpoint", default=None, help="fine-tuned DeeBERT directory for section 2 (default: runs/sst-2 if it exists)")
     p.add_argument("--task", default=None, help="GLUE task of --checkpoint's dev set (default: the checkpoint's own)")
-    p.add_argument("--data_dir", default=None, help="GLUE root or task folder (else $GLUE_DIR; never downloads)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads, for ours and theirs alike")
-    p.add_argument("--sections", default=",".join(SECTIONS), help="which sections to run, comma-separated")
-    p.add_argument("--S", type=float, nargs="+", default=list(DEFAULT_S), help="thresholds for section 2")
-    p.add_argument("--quick", action="store_true", help="tiny settings for the tests (a flag given here still wins)")
-    p.add_argument("--repeats", type=int, help="timed runs per measurement (default 5; --quick 2)")
-    p.add_argument("--warmup", type=int, help="untimed runs first (default 2; --quick 1)")
-    p.add_argument("--pairs", type=int, help="sentence pairs timed at batch 1 (default 16; --quick 4)")
-    p.add_argument("--examples", type=int, help="dev examples for early exit (default 200; --quick 8)")
-    p.add_argument("--train_steps", type=int, help="timed training steps per stage (default 5; --quick 2)")
-    p.add_argument("--load_repeats", type=int, help="fresh processes per loader (default 3; --quick 1)")
-    p.add_argument("--gpu_batch_sizes", type=int, nargs="+", help="section 5 batch sizes (default 64 256; --quick 8)")
-    p.add_argument("--peak_tflops", type=float, default=None, help="the GPU's dense bf16 peak, if not in the built-in table (H100/H200 989, A100 312)")
+    p.add_argument("--data_dir", default=None, help="GLUE root or task folder (default: $GLUE_DIR; never downloads)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads, ours and theirs alike (default: %(default)s)")
+    p.add_argument("--sections", default=",".join(SECTIONS), help="sections to run, comma-separated (default: %(default)s)")
+    p.add_argument("--S", type=float, nargs="+", default=list(DEFAULT_S), help="thresholds for section 2 (default: %(default)s)")
+    p.add_argument("--quick", action="store_true", help="tiny settings, for the tests; a flag given here still wins")
+    p.add_argument("--repeats", type=int, help="timed runs per measurement (default: 5; --quick 2)")
+    p.add_argument("--warmup", type=int, help="untimed runs first (default: 2; --quick 1)")
+    p.add_argument("--pairs", type=int, help="sentence pairs timed at batch 1 (default: 16; --quick 4)")
+    p.add_argument("--examples", type=int, help="dev examples for early exit (default: 200; --quick 8)")
+    p.add_argument("--train_steps", type=int, help="timed training steps per stage (default: 5; --quick 2)")
+    p.add_argument("--load_repeats", type=int, help="fresh processes per loader (default: 3; --quick 1)")
+    p.add_argument("--gpu_batch_sizes", type=int, nargs="+", help="section 5 batch sizes (default: 64 256; --quick 8)")
+    p.add_argument("--peak_tflops", type=float, default=None,
+                   help="the GPU's dense bf16 peak, when it is not in the table (H100/H200 989, A100 312)")
     p.add_argument("--no_transformers", action="store_true", help="our numbers only, even if transformers is installed")
     p.add_argument("--json", default=None, help="write every number to this file")
     args = p.parse_args(argv)
@@ -824,7 +832,7 @@ def bench(args) -> dict:
     results = {"machine": machine_info(device, transformers), "settings": {k: v for k, v in vars(args).items()}}
     m = results["machine"]
     print(f"machine: {m['cpu']} ({m['cpu_count']} cpus), {m['threads']} threads, torch {m['torch']}, "
-          f"transformers {m['transformers'] or 'absent'}, device {m['device']}{', ' + m['gpu'] if 'gpu' in m else ''}, "
+          f"transformers {m['transformers'] or ('not used' if args.no_transformers else 'absent')}, device {m['device']}{', ' + m['gpu'] if 'gpu' in m else ''}, "
           f"load average {m['load_average']}")
     print(f"model: {args.model}\ntimes: median [min-max] of {args.repeats} runs after warm-up; "
           "ratio = ours / theirs of time (of MB for memory): below 1.00 we are faster\n")

@@ -69,16 +69,18 @@ def evaluating(model):
     """Dropout off inside the block; afterwards every module is back in the mode it was in.
 
     The exit functions use this instead of asking the caller for model.eval(): a forgotten eval() would
-    leave dropout on and make every entropy random. Each module's own flag is restored, so a model whose
-    backbone is in eval mode and whose off-ramps are training (stage 2) stays exactly that way.
+    leave dropout on and make every entropy random. Only the modules in training mode are switched (and
+    switched back), so a model already in eval mode pays nothing, and a model whose backbone is in eval
+    mode while its off-ramps train (stage 2) stays exactly that way.
     """
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
+    training = [module for module in model.modules() if module.training]
+    for module in training:
+        module.training = False
     try:
         yield model
     finally:
-        for module, training in modes:
-            module.training = training
+        for module in training:
+            module.training = True
 
 
 def prepare_inputs(model, input_ids, token_type_ids=None, attention_mask=None) -> tuple:

@@ -13,6 +13,7 @@ import train
 from deebert.checkpoint import load_deebert
 from deebert.errors import DeeBertError
 from deebert.glue import get_task, read_split
+from deebert.stages import stage1_parameters, stage2_parameters
 from deebert.tokenizer import Tokenizer, batches
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,23 +71,23 @@ def stage_setup(tiny_checkpoint, tmp_path):
 def test_stage_2_leaves_every_stage_1_parameter_bit_identical(tiny_checkpoint, tmp_path):
     model, examples, args, run = stage_setup(tiny_checkpoint, tmp_path)
     train.train_stage(1, model, examples, args, run)
-    stage1 = {id(p) for p in train.stage1_parameters(model)}
+    stage1 = {id(p) for p in stage1_parameters(model)}
     before = {name: p.clone() for name, p in model.named_parameters() if id(p) in stage1}
-    ramps_before = [p.clone() for p in train.stage2_parameters(model)]
+    ramps_before = [p.clone() for p in stage2_parameters(model)]
     train.train_stage(2, model, examples, args, run)
     after = dict(model.named_parameters())
     assert len(before) == len(stage1) > 0
     assert all(torch.equal(before[name], after[name]) for name in before)
-    assert any(not torch.equal(a, b) for a, b in zip(ramps_before, train.stage2_parameters(model)))
+    assert any(not torch.equal(a, b) for a, b in zip(ramps_before, stage2_parameters(model)))
 
 
 def test_stage_1_moves_only_the_backbone_and_the_last_off_ramp(tiny_checkpoint, tmp_path):
     model, examples, args, run = stage_setup(tiny_checkpoint, tmp_path)
-    ramps_before = [p.clone() for p in train.stage2_parameters(model)]
-    backbone_before = [p.clone() for p in train.stage1_parameters(model)]
+    ramps_before = [p.clone() for p in stage2_parameters(model)]
+    backbone_before = [p.clone() for p in stage1_parameters(model)]
     train.train_stage(1, model, examples, args, run)
-    assert all(torch.equal(a, b) for a, b in zip(ramps_before, train.stage2_parameters(model)))
-    assert all(not torch.equal(a, b) for a, b in zip(backbone_before[-4:], train.stage1_parameters(model)[-4:]))
+    assert all(torch.equal(a, b) for a, b in zip(ramps_before, stage2_parameters(model)))
+    assert all(not torch.equal(a, b) for a, b in zip(backbone_before[-4:], stage1_parameters(model)[-4:]))
 
 
 def test_the_same_seed_gives_the_same_weights(tiny_checkpoint, tmp_path):

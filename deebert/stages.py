@@ -1,0 +1,64 @@
+"""DeeBERT's two training stages: what each one trains, and with which loss (paper section 2, "Training").
+
+Loss of off-ramp i on a batch: L_i = CrossEntropy(y, f_i(x)).
+
+    stage 1   trains: the embeddings, every layer, the last off-ramp f_n     loss: L_n
+    stage 2   trains: the off-ramps f_1 .. f_{n-1}; all the rest is frozen   loss: L_1 + ... + L_{n-1}
+
+Freezing in stage 2 keeps the last off-ramp exactly as good as plain fine-tuned BERT. `train.py` runs
+the loop around these; they live here so that tests and benchmarks use the very same definitions.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def stage1_parameters(model) -> list:
+    """Stage 1 trains the embeddings, all n layers and the last off-ramp f_n."""
+    return [*model.encoder.parameters(), *model.off_ramps[-1].parameters()]
+
+
+def stage2_parameters(model) -> list:
+    """Stage 2 trains the off-ramps f_1 .. f_{n-1}, nothing else."""
+    return [p for ramp in model.off_ramps[:-1] for p in ramp.parameters()]
+
+
+def stage1_loss(model, batch):
+    """L_n: the last off-ramp's cross-entropy. Gradients flow through every layer into the embeddings."""
+    hidden_states = model.encoder(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
+    logits = model.off_ramps[-1](hidden_states[-1], batch["attention_mask"])
+    return F.cross_entropy(logits.float(), batch["labels"])
+
+
+def stage2_loss(model, batch):
+    """L_1 + ... + L_{n-1}: every other off-ramp's cross-entropy, on the frozen backbone's hidden states.
+
+    Deviation: the authors leave the frozen backbone in train mode (dropout on). We run it in eval mode
+    and without gradients: the off-ramps then learn from the very features they will see at inference,
+    and no backward pass goes through the backbone, which makes stage 2 several times faster.
+    """
+    with torch.no_grad():
+        hidden_states = model.encoder(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
+    losses = [F.cross_entropy(ramp(h, batch["attention_mask"]).float(), batch["labels"])
+              for ramp, h in zip(model.off_ramps[:-1], hidden_states[:-1])]
+    return sum(losses)
+
+
+STAGES = {1: (stage1_parameters, stage1_loss), 2: (stage2_parameters, stage2_loss)}
+
+
+def prepare_stage(model, stage: int) -> tuple:
+    """Freeze everything but the stage's parameters and set dropout as the stage wants it.
+
+    Returns (the trainable parameters, the loss function).
+    """
+    parameters_of, loss = STAGES[stage]
+    trainable = parameters_of(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in trainable:
+        p.requires_grad_(True)
+    model.train()
+    if stage == 2:
+        model.encoder.eval()  # see stage2_loss: the frozen backbone runs as at inference
+    return trainable, loss
