@@ -26,7 +26,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from deebert.errors import DeeBertError
 from deebert.model import attention_mask_for
@@ -38,14 +37,12 @@ from deebert.model import attention_mask_for
 def entropy(logits: torch.Tensor) -> torch.Tensor:
     """-sum_c p_c ln p_c over the last dim, p = softmax(logits): (..., C) -> (...), in nats, float32.
 
-    From log_softmax, so huge logits give no NaN: entropy([[0., 0.]]) = [ln 2 = 0.693], and
-    entropy([[1e4, 0.]]) = [0.]. A class with p_c = 0 adds 0 (the limit of p ln p), not 0 * -inf = NaN.
+    entropy([[0., 0.]]) = [ln 2 = 0.693] (uniform: the least confident), entropy([[1e4, 0.]]) = [0.].
+    torch.special.entr(p) is -p ln p with the limit 0 at p = 0, so huge logits give no NaN (0 * -inf).
     Computed in float32 even for a bf16/fp16 model, so the comparison with S is not rounded to 3 digits.
     """
-    log_p = F.log_softmax(logits.float(), dim=-1)  # over the classes (the last dim), never over the batch
-    p = log_p.exp()
-    p_log_p = torch.where(p > 0, p * log_p, torch.zeros_like(p))
-    return -p_log_p.sum(dim=-1)
+    p = logits.float().softmax(dim=-1)  # over the classes (the last dim), never over the batch
+    return torch.special.entr(p).sum(dim=-1)
 
 
 def check_threshold(S: float) -> float:
@@ -137,9 +134,9 @@ def early_exit(model, input_ids, token_type_ids=None, attention_mask=None, S: fl
         for i in range(1, n + 1):
             h = model.encoder.layers[i - 1](h, mask)  # (1, T, H)
             z = model.off_ramps[i - 1](h, attention_mask)  # (1, C): logits of off-ramp i
-            e = entropy(z)  # (1,)
-            entropies.append(e.item())
-            if e < S:  # confident enough: exit here (compared in float32, as early_exit_batch does)
+            e = entropy(z).item()  # a float32 value, as early_exit_batch compares
+            entropies.append(e)
+            if e < S:  # confident enough: exit here
                 return ExitResult(z[0], i, entropies)
         return ExitResult(z[0], n, entropies)
 
@@ -202,7 +199,7 @@ def early_exit_batch(model, input_ids, token_type_ids=None, attention_mask=None,
             z = model.off_ramps[i - 1](h, attention_mask)  # (b, C)
             e = entropy(z)  # (b,)
             entropies[active, i - 1] = e
-            exits = e < S  # (b,): confident enough, exit here
+            exits = e.double() < S  # (b,): confident enough, exit here (in float64, as early_exit compares)
             if i == n:
                 exits[:] = True  # the last off-ramp answers for everyone still running
             logits[active[exits]] = z[exits]  # back to the original positions
