@@ -224,7 +224,7 @@ def exit_layers_from_entropies(entropies, S: float) -> torch.Tensor:
     exit_layers_from_entropies([[0.6, 0.2, 0.1]], S=0.3) -> [2]; with S=0.05 -> [3] (the last layer answers).
     """
     S = check_threshold(S)
-    below = torch.as_tensor(entropies) < S  # (N, n); NaN (a layer not run) is never below
+    below = torch.as_tensor(entropies).double() < S  # (N, n), compared as the loops compare; NaN is never below
     below[:, -1] = True  # the last off-ramp answers whatever its entropy
     return below.int().argmax(dim=1) + 1  # argmax returns the FIRST maximum: the first confident layer
 
