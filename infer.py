@@ -114,10 +114,10 @@ def build_parser() -> Parser:
     evaluation.add_argument("--eval_batch_size", type=positive_int, default=32,
                             help="batch size of the full pass and of the batched timing (default: %(default)s)")
     evaluation.add_argument("--no_timing", action="store_true", help="skip the wall-clock measurement (default: off)")
-    evaluation.add_argument("--timing_examples", type=positive_int, default=200,
+    evaluation.add_argument("--timing_examples", type=positive_int, default=100,
                             help="time on the first N dev examples (default: %(default)s)")
-    evaluation.add_argument("--timing_repeats", type=positive_int, default=1, help="time each S this many times and "
-                            "keep the fastest, steadier on a busy machine (default: %(default)s)")
+    evaluation.add_argument("--timing_repeats", type=positive_int, default=3, help="rounds in which the full model "
+                            "and every S take turns; each keeps its median (default: %(default)s)")
     evaluation.add_argument("--max_drop", type=points, default=1.0, help="report the largest S within this many "
                             "points of the full model's main metric (default: %(default)s)")
     evaluation.add_argument("--out", default=None,

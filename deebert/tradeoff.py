@@ -21,6 +21,7 @@ The paper's figure (accuracy against saving, one point per S) is `plot`; the num
 import csv
 import math
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -132,17 +133,14 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)  # GPU work is asynchronous: wait for it before reading the clock
 
 
-def _seconds(run, batches, device, repeats: int) -> float:
-    """Wall-clock seconds of run(batch) over all batches; the fastest of `repeats` runs (the least disturbed)."""
-    best = math.inf
-    for _ in range(repeats):
-        _synchronize(device)
-        start = time.perf_counter()
-        for batch in batches:
-            run(batch)
-        _synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return best
+def _seconds(run, batches, device) -> float:
+    """Wall-clock seconds of run(batch) over all batches."""
+    _synchronize(device)
+    start = time.perf_counter()
+    for batch in batches:
+        run(batch)
+    _synchronize(device)
+    return time.perf_counter() - start
 
 
 def _exit_runner(model, S: float, exit_layers: list):
@@ -156,10 +154,12 @@ def _exit_runner(model, S: float, exit_layers: list):
     return run
 
 
-def measure_wall_clock(model, batches, S_values=PAPER_THRESHOLDS, repeats: int = 1, warmup: int = 3) -> list[dict]:
+def measure_wall_clock(model, batches, S_values=PAPER_THRESHOLDS, repeats: int = 3, warmup: int = 3) -> list[dict]:
     """Time true early exit at each S against the full model on the same batches.
 
     `batches` from `encode_batches` (batch size 1 times `early_exit`, larger ones `early_exit_batch`).
+    The full model and every S take turns, `repeats` rounds, and each keeps its median: a disturbance
+    from another process falls on one round of all of them alike, not on one S.
     One row per S: seconds, measured saving 1 - t(S) / t(full), expected saving from the exit layers of
     that very run, and their ratio; the first row is the full model itself (S None).
     """
@@ -172,16 +172,21 @@ def measure_wall_clock(model, batches, S_values=PAPER_THRESHOLDS, repeats: int =
     def full(batch):
         full_model_logits(model, *_model_inputs(model, batch))
 
+    exit_layers = {S: [] for S in S_values}
+    runners = {None: full, **{S: _exit_runner(model, check_threshold(S), exit_layers[S]) for S in S_values}}
     for batch in batches[:warmup]:  # first calls allocate memory and pick kernels: keep them out of the clock
         full(batch)
         _exit_runner(model, 0.0, [])(batch)
-    full_seconds = _seconds(full, batches, device, repeats)
+    samples = {S: [] for S in runners}
+    for _ in range(repeats):
+        for S, run in runners.items():
+            samples[S].append(_seconds(run, batches, device))
+    full_seconds = statistics.median(samples[None])
     rows = [{"S": None, "batch_size": batch_size, "seconds": full_seconds, "measured_saving": 0.0,
              "expected_saving": 0.0, "ratio": None}]
     for S in S_values:
-        exit_layers = []
-        seconds = _seconds(_exit_runner(model, check_threshold(S), exit_layers), batches, device, repeats)
-        expected = expected_saving(exit_layers[:N], n)  # every repeat exits at the same layers: take the first
+        seconds = statistics.median(samples[S])
+        expected = expected_saving(exit_layers[S][:N], n)  # every round exits at the same layers: take the first
         measured = 1.0 - seconds / full_seconds
         rows.append({"S": S, "batch_size": batch_size, "seconds": seconds, "measured_saving": measured,
                      "expected_saving": expected, "ratio": measured / expected if expected > 0 else None})
