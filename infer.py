@@ -387,7 +387,8 @@ def run_eval(args) -> None:
         time_and_merge(args, model, tokenizer, examples, S_values, rows)
     write_outputs(args, rows, task, Path(args.out) if args.out else checkpoint)
     best = choose_S(rows, args.max_drop)
-    print(f"largest S within {args.max_drop:g} points of the full model's {task.main_metric}: "
+    points = "point" if args.max_drop == 1 else "points"
+    print(f"largest S within {args.max_drop:g} {points} of the full model's {task.main_metric}: "
           + ("none" if best is None else f"{best:g}"))
 
 

