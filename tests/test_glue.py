@@ -1,6 +1,6 @@
 """Tests for deebert/glue.py: tasks, TSV reading, metrics, finding and downloading the data.
 
-Offline and fast. The real-data tests read $GLUE_DIR (a glue_data/ folder such as /work/shared/glue)
+Offline and fast. The real-data tests read $GLUE_DIR (a glue_data/ folder)
 and skip when it is unset or lacks the task; everything else writes tiny TSVs into tmp_path.
 """
 
