@@ -137,11 +137,7 @@ def say(args, *parts) -> None:
 def find_checkpoint(model_arg, task_name) -> Path:
     """--model, else runs/<task>, else the runs/* whose config.json was written last (train.py's output)."""
     if model_arg:
-        path = Path(model_arg)
-        typo = not path.exists() and path.parent.is_dir() and str(path.parent) != "."  # runs/rtee, not a hub id
-        if typo:
-            raise DeeBertError(f"checkpoint directory {model_arg} not found; train first or pass --model DIR")
-        return resolve(model_arg)  # a local directory, or a hub id (it would need off-ramps, though)
+        return resolve(model_arg)  # a local directory (runs/rtee is a missing one, not a hub id), or a hub id
     if task_name:
         candidate = RUNS_DIR / get_task(task_name).name
         if not (candidate / "config.json").is_file():

@@ -12,7 +12,7 @@ import torch
 import train
 from deebert.checkpoint import load_deebert
 from deebert.errors import DeeBertError
-from deebert.glue import get_task, read_split
+from deebert.glue import Example, get_task, read_split
 from deebert.stages import stage1_parameters, stage2_parameters
 from deebert.tokenizer import Tokenizer, batches
 
@@ -168,6 +168,6 @@ def test_errors_print_one_line_and_never_overwrite(tiny_checkpoint, tmp_path):
 
 def test_batches_pad_each_batch_to_its_own_longest(tiny_checkpoint):
     tokenizer = Tokenizer.from_dir(tiny_checkpoint)
-    examples = read_split.__globals__["Example"]("the cat", None, 0), read_split.__globals__["Example"]("the cat sat on the mat", None, 1)
-    shapes = [b["input_ids"].shape for b in batches(tokenizer, list(examples), batch_size=1)]
+    examples = [Example("the cat", None, 0), Example("the cat sat on the mat", None, 1)]
+    shapes = [b["input_ids"].shape for b in batches(tokenizer, examples, batch_size=1)]
     assert shapes == [(1, 4), (1, 8)]
