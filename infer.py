@@ -1,13 +1,14 @@
 """DeeBERT at inference: classify texts with early exit, or measure the speed/quality trade-off on a dev set.
 
-Follows the paper's section 2 ("Inference": stop at the first off-ramp whose entropy is below S) and
-section 4 (the trade-off: quality and saving for each S). A thin script over the package:
-deebert.exit holds the loop, deebert.tradeoff the measurements; nothing in deebert/ imports this file.
+Follows the paper's section 3.2 (stop at the first off-ramp whose entropy is below S) and section 4 (the
+trade-off: quality and saving for each S). A thin script over the package: deebert.exit holds the loop,
+deebert.tradeoff the measurements; nothing in deebert/ imports this file.
 
     python infer.py "a gripping, beautifully acted film" --S 0.4           one text (SST-2 checkpoint)
     python infer.py "A man is eating." "Someone eats." --S 0.4             one pair (RTE, MNLI, ...)
     python infer.py --file inputs.txt --json --S 0.4                       one input per line, tab inside a pair
     python infer.py --task rte --eval                                      the dev-set sweep over the paper's S
+    python infer.py --task sst-2 --eval --max_disagree 0.05                also certify an S, then use it: --S auto
 
 The checkpoint is `--model`, else runs/<task> for `--task`, else the newest runs/* with a config.json:
 where train.py saves. S defaults to 0 for texts: no early exit, exactly the fine-tuned BERT, so nobody
@@ -26,51 +27,41 @@ import torch
 from deebert.checkpoint import load_deebert, resolve
 from deebert.device import DTYPES, pick_device, pick_dtype
 from deebert.errors import DeeBertError
-from deebert.exit import early_exit, early_exit_batch
-from deebert.glue import find_data_dir, get_task, read_split
-from deebert.tokenizer import Tokenizer
-from deebert.tradeoff import (PAPER_THRESHOLDS, choose_S, encode_batches, full_pass, measure_wall_clock, plot,
-                              sweep, write_csv)
+from deebert.exit import check_threshold, exit_many, full_pass
+from deebert.files import write_atomically
+from deebert.glue import Example, find_data_dir, get_task, read_split
+from deebert.tokenizer import Tokenizer, batches, by_length, check_max_length
+from deebert.tradeoff import (PAPER_THRESHOLDS, certify_S, choose_S, disagreement, measure_wall_clock,
+                              per_layer_metrics, plot, sweep, within_noise, write_csv)
 
 RUNS_DIR = Path("runs")  # where train.py saves, as runs/<task>
-MIN_MAX_LENGTH = 8  # [CLS] a [SEP] b [SEP] plus a little text; below this the tokenizer cannot cut a pair
 
 # ----------------------------------------------------------------------------------------------------
-# Command line
+# Command line: argparse types built on the package's own checks
 
 
-def threshold(text: str) -> float:
-    """argparse type for --S: a number >= 0 (NaN and negatives refused: the authors' S = -1 disabled exiting)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a number; give thresholds such as --S 0.4 (texts go before the options)"
-        ) from None
-    if math.isnan(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a threshold >= 0; S = 0 is the full model, larger S exits earlier")
-    return value
+def checked(check):
+    """An argparse type from a check that raises DeeBertError or ValueError: its message becomes argparse's."""
+    def parse(text):
+        try:
+            return check(text)
+        except (DeeBertError, ValueError) as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    return parse
 
 
-def points(text: str) -> float:
-    """argparse type for --max_drop: percentage points, a number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if math.isnan(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of points >= 0; e.g. --max_drop 1.0")
-    return value
+def at_least(low):
+    def check(text):
+        if not float(text) >= low:  # float() raises ValueError for "abc"; NaN fails the comparison
+            raise ValueError(f"{text} must be a number >= {low}")
+        return type(low)(text)
+    return check
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
-    return value
+def fraction(text) -> float:
+    if not 0 < float(text) < 1:
+        raise ValueError(f"{text} must lie strictly between 0 and 1")
+    return float(text)
 
 
 class Parser(argparse.ArgumentParser):
@@ -82,47 +73,36 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> Parser:
-    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("texts", nargs="*", help="one text, or the two texts of a pair (premise, hypothesis)")
-    parser.add_argument("--S", type=threshold, nargs="+", default=None,
-                        help="entropy threshold(s) (default: 0, no early exit, for texts; "
-                             f"the paper's {' '.join(map(str, PAPER_THRESHOLDS))} for --eval)")
-    parser.add_argument("--model", default=None, help="fine-tuned checkpoint directory (default: runs/<task> "
-                        "with --task, else the runs/* whose config.json is newest)")
-    parser.add_argument("--task", default=None, help="GLUE task (sst-2, rte, ...): picks runs/<task>; must match "
-                        "the checkpoint's own task (default: the checkpoint's)")
-    parser.add_argument("--file", default=None, help="read inputs from PATH, one per line, a tab between the "
-                        "texts of a pair; '-' reads standard input (default: none)")
-    parser.add_argument("--batch_size", type=positive_int, default=32,
-                        help="inputs per early_exit_batch call with --file (default: %(default)s)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object per input (default: off)")
-    parser.add_argument("--max_length", type=positive_int, default=128,
-                        help="longer inputs are truncated, and the output says so (default: %(default)s)")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
-    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES),
-                        help="bf16 and fp16 need a GPU (default: %(default)s)")
-    parser.add_argument("--threads", type=positive_int, default=None,
-                        help="CPU threads for torch; 1 is often fastest on a busy machine (default: torch's choice)")
-    evaluation = parser.add_argument_group("evaluation (--eval): the dev-set trade-off of paper section 4")
-    evaluation.add_argument("--eval", action="store_true",
-                            help="sweep S on the task's dev set instead of classifying texts (default: off)")
-    evaluation.add_argument("--data_dir", default=None,
-                            help="the task's GLUE folder (default: $GLUE_DIR/<TASK>, then the download cache)")
-    evaluation.add_argument("--split", default="dev", help="dev, or MNLI's dev_mismatched (default: %(default)s)")
-    evaluation.add_argument("--max_eval_examples", type=positive_int, default=None,
-                            help="only the first N dev examples (default: all)")
-    evaluation.add_argument("--eval_batch_size", type=positive_int, default=32,
-                            help="batch size of the full pass and of the batched timing (default: %(default)s)")
-    evaluation.add_argument("--no_timing", action="store_true", help="skip the wall-clock measurement (default: off)")
-    evaluation.add_argument("--timing_examples", type=positive_int, default=100,
-                            help="time on the first N dev examples (default: %(default)s)")
-    evaluation.add_argument("--timing_repeats", type=positive_int, default=3, help="rounds in which the full model "
-                            "and every S take turns; each keeps its median (default: %(default)s)")
-    evaluation.add_argument("--max_drop", type=points, default=1.0, help="report the largest S within this many "
-                            "points of the full model's main metric (default: %(default)s)")
-    evaluation.add_argument("--out", default=None,
-                            help="folder for tradeoff.csv and tradeoff.png (default: the checkpoint directory)")
-    return parser
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = p.add_argument
+    add("texts", nargs="*", help="one text, or the two texts of a pair (premise, hypothesis)")
+    add("--S", type=checked(lambda t: t if t == "auto" else check_threshold(t)), nargs="+", default=None,
+        help="entropy threshold(s), or auto: the S that --eval --max_disagree certified (default: 0, no early exit, "
+             f"for texts; the paper's {' '.join(map(str, PAPER_THRESHOLDS))} for --eval)")
+    add("--model", help="fine-tuned checkpoint directory (default: runs/<task> with --task, else the newest runs/*)")
+    add("--task", help="GLUE task (sst-2, rte, ...): picks runs/<task>; must match the checkpoint's (default: the checkpoint's)")
+    add("--file", help="inputs from PATH, one per line, a tab between the texts of a pair; - reads stdin (default: none)")
+    add("--batch_size", type=checked(at_least(1)), default=32, help="inputs per batch with --file, sorted by length (default: %(default)s)")
+    add("--json", action="store_true", help="print one JSON object per input (default: off)")
+    add("--max_length", type=checked(at_least(1)), default=128, help="longer inputs are truncated, and the output says so (default: %(default)s)")
+    add("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    add("--dtype", default="fp32", choices=list(DTYPES), help="bf16 and fp16 need a GPU (default: %(default)s)")
+    add("--threads", type=checked(at_least(1)), help="CPU threads for torch; the README says which is steadiest (default: torch's choice)")
+    e = p.add_argument_group("evaluation (--eval): the dev-set trade-off of paper section 4").add_argument
+    e("--eval", action="store_true", help="sweep S on the task's dev set instead of classifying texts (default: off)")
+    e("--data_dir", help="the task's GLUE folder (default: $GLUE_DIR/<TASK>, then the download cache)")
+    e("--split", default="dev", help="dev, or MNLI's dev_mismatched (default: %(default)s)")
+    e("--max_eval_examples", type=checked(at_least(1)), help="only the first N dev examples (default: all)")
+    e("--eval_batch_size", type=checked(at_least(1)), default=32, help="batch size of the full pass and of the batched timing (default: %(default)s)")
+    e("--no_timing", action="store_true", help="skip the wall-clock measurement (default: off)")
+    e("--timing_examples", type=checked(at_least(1)), default=100, help="time on the first N dev examples (default: %(default)s)")
+    e("--timing_seconds", type=checked(at_least(1.0)), default=30.0, help="time budget per batch size; rounds stop earlier once steady (default: %(default)s)")
+    e("--max_drop", type=checked(at_least(0.0)), default=1.0, help="report the largest S within this many points of the full model (default: %(default)s)")
+    e("--max_disagree", type=checked(fraction), help="certify the largest S whose answers differ from the full model's on at most this fraction (default: off)")
+    e("--delta", type=checked(fraction), default=0.1, help="the certificate may fail with at most this probability (default: %(default)s)")
+    e("--calibration_file", help="calibrate on these texts (one per line, no labels) instead of half the dev set (default: none)")
+    e("--out", help="folder for tradeoff.csv and tradeoff.png (default: the checkpoint directory)")
+    return p
 
 
 def say(args, *parts) -> None:
@@ -131,34 +111,22 @@ def say(args, *parts) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The checkpoint
+# The checkpoint and the inputs
 
 
 def find_checkpoint(model_arg, task_name) -> Path:
     """--model, else runs/<task>, else the runs/* whose config.json was written last (train.py's output)."""
     if model_arg:
-        return resolve(model_arg)  # a local directory (runs/rtee is a missing one, not a hub id), or a hub id
+        return resolve(model_arg)
     if task_name:
         candidate = RUNS_DIR / get_task(task_name).name
         if not (candidate / "config.json").is_file():
-            raise DeeBertError(f"no checkpoint in {candidate}; train first (python train.py --task {task_name}) "
-                               f"or pass --model DIR")
+            raise DeeBertError(f"no checkpoint in {candidate}; train first (python train.py --task {task_name}) or pass --model DIR")
         return candidate
     candidates = [d for d in RUNS_DIR.iterdir() if (d / "config.json").is_file()] if RUNS_DIR.is_dir() else []
     if not candidates:
-        raise DeeBertError(f"no fine-tuned checkpoint under {RUNS_DIR}/; train first (python train.py --task rte) "
-                           f"or pass --model DIR")
+        raise DeeBertError(f"no fine-tuned checkpoint under {RUNS_DIR}/; train first (python train.py --task rte) or pass --model DIR")
     return max(candidates, key=lambda d: (d / "config.json").stat().st_mtime)
-
-
-def checkpoint_task(config, task_name):
-    """The task the checkpoint was fine-tuned on; --task must agree with it."""
-    if config.task is None and task_name is None:
-        raise DeeBertError("the checkpoint's config.json names no task; pass --task (sst-2, rte, ...)")
-    if config.task is not None and task_name is not None and get_task(task_name).name != get_task(config.task).name:
-        raise DeeBertError(f"the checkpoint was fine-tuned on {config.task}, not {task_name}; "
-                           f"drop --task or pass another --model")
-    return get_task(config.task or task_name)
 
 
 def load(args):
@@ -168,137 +136,102 @@ def load(args):
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    model = load_deebert(checkpoint)  # a plain BERT: "has no off-ramps; fine-tune it first"
-    task = checkpoint_task(model.config, args.task)
-    if not MIN_MAX_LENGTH <= args.max_length <= model.config.max_position_embeddings:
-        raise DeeBertError(f"--max_length {args.max_length} must lie in {MIN_MAX_LENGTH}.."
-                           f"{model.config.max_position_embeddings} (the checkpoint's max_position_embeddings)")
-    tokenizer = Tokenizer.from_dir(checkpoint, max_length=args.max_length)
-    model = model.to(device=device, dtype=dtype).eval()
+    model = load_deebert(checkpoint, dtype=dtype).to(device)  # a plain BERT: "has no off-ramps; fine-tune it first"
+    config = model.config
+    if config.task is None and args.task is None:
+        raise DeeBertError("the checkpoint's config.json names no task; pass --task (sst-2, rte, ...)")
+    if config.task and args.task and get_task(args.task).name != get_task(config.task).name:
+        raise DeeBertError(f"the checkpoint was fine-tuned on {config.task}, not {args.task}; drop --task or pass another --model")
+    task = get_task(config.task or args.task)
+    check_max_length(args.max_length, config.max_position_embeddings)
     say(args, f"checkpoint: {checkpoint} (task {task.name}, {model.num_layers} layers, "
-              f"labels {', '.join(label_names(model, task))}; {device}, {args.dtype})")
-    return model, tokenizer, task, checkpoint
+              f"labels {', '.join(config.labels)}; {device}, {args.dtype})")
+    return model, Tokenizer.from_dir(checkpoint, max_length=args.max_length), task, checkpoint
 
 
-def label_names(model, task) -> list:
-    return list(model.config.labels) or list(task.labels)
-
-
-# ----------------------------------------------------------------------------------------------------
-# The inputs: texts on the command line, or one per line of a file
-
-
-def check_texts(texts: list, task, where: str, separator: str = "") -> tuple:
-    """A list of 1 or 2 texts -> (text_a, text_b or None), checked against the task's shape.
-
-    `where` says where the texts came from, `separator` how a file separates the two texts of a pair.
-    """
-    if task.is_pair and len(texts) != 2:
-        raise DeeBertError(f"{where}: {task.name} classifies pairs (premise, hypothesis); got {len(texts)} text(s), "
-                           f"give two{separator}")
-    if not task.is_pair and len(texts) != 1:
-        raise DeeBertError(f"{where}: {task.name} classifies single texts; got {len(texts)}{separator}, give one")
+def as_example(texts: list, task, where: str) -> Example:
+    """1 or 2 texts -> an unlabelled Example, checked against the task's shape."""
+    wanted = 2 if task.is_pair else 1
+    if len(texts) != wanted:
+        shape = "pairs (premise, hypothesis)" if task.is_pair else "single texts"
+        raise DeeBertError(f"{where}: {task.name} classifies {shape}; got {len(texts)} text(s), give {wanted}"
+                           + (" separated by a tab" if "line" in where and task.is_pair else ""))
     for number, text in enumerate(texts, start=1):
         if not text.strip():
             which = f"text {number} of the pair" if task.is_pair else "the text"
             raise DeeBertError(f"{where}: {which} is empty; give a non-empty text")
-    return texts[0], texts[1] if task.is_pair else None
+    return Example(texts[0], texts[1] if task.is_pair else None, None)
 
 
-def read_lines(file_arg: str) -> tuple:
-    """(name for messages, lines) of --file PATH or --file - (standard input)."""
+def read_examples(file_arg: str, task) -> list:
+    """One Example per line of --file PATH (or - for standard input); every bad line is named by its number."""
     if file_arg == "-":
-        return "standard input", sys.stdin.read().removeprefix("\ufeff").split("\n")
-    path = Path(file_arg)
-    if not path.is_file():
+        name, data = "standard input", sys.stdin.buffer.read()
+    elif Path(file_arg).is_file():
+        name, data = file_arg, Path(file_arg).read_bytes()
+    else:
         raise DeeBertError(f"--file {file_arg} not found; pass a text file with one input per line, or - for stdin")
-    try:
-        return str(path), path.read_text(encoding="utf-8-sig").split("\n")
-    except UnicodeDecodeError:
-        raise DeeBertError(f"--file {file_arg} is not UTF-8 text; save it as UTF-8") from None
-
-
-def file_inputs(file_arg: str, task) -> list:
-    """One (text_a, text_b) per line; a line with the wrong number of tab fields, or empty, is an error."""
-    name, lines = read_lines(file_arg)
-    if lines and lines[-1] == "":
-        lines.pop()  # the newline that ends the last line
+    lines = data.removeprefix(b"\xef\xbb\xbf").split(b"\n")  # without a UTF-8 byte-order mark
+    lines = lines[:-1] if lines[-1] == b"" else lines  # the newline that ends the last line
     if not lines:
         raise DeeBertError(f"{name} holds no inputs; give one input per line")
-    return [check_texts(line.removesuffix("\r").split("\t"), task, f"{name} line {number}", " separated by a tab")
-            for number, line in enumerate(lines, start=1)]
+    examples = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            text = line.decode("utf-8").removesuffix("\r")
+        except UnicodeDecodeError:
+            raise DeeBertError(f"{name} line {number} is not UTF-8 text; save the file as UTF-8") from None
+        examples.append(as_example(text.split("\t"), task, f"{name} line {number}"))
+    return examples
 
 
 # ----------------------------------------------------------------------------------------------------
-# Classifying
+# Classifying texts
 
 
-def classify(model, tokenizer, inputs: list, S: float, batch_size: int) -> list:
-    """[(text_a, text_b)] -> one dict per input: probabilities, exit layer, entropies (one per layer run), truncated."""
-    results = []
-    for start in range(0, len(inputs), batch_size):
-        chunk = inputs[start:start + batch_size]
-        texts_b = [b for _, b in chunk] if chunk[0][1] is not None else None
-        batch = tokenizer.encode([a for a, _ in chunk], texts_b)
-        results += classify_batch(model, batch, S)
+def classify(model, tokenizer, examples: list, S: float, batch_size: int) -> list:
+    """Examples -> one dict per example, in their order: probabilities, exit layer, entropies of the layers run."""
+    results = [None] * len(examples)
+    chunks = list(batches(tokenizer, examples, batch_size, by_length(tokenizer, examples)))
+    for batch, out in zip(chunks, exit_many(model, chunks, S)):
+        for k, index in enumerate(batch["index"].tolist()):
+            probabilities = out.probabilities[k].tolist()
+            best = max(range(len(probabilities)), key=probabilities.__getitem__)
+            results[index] = {"label": model.config.labels[best], "probability": probabilities[best],
+                              "exit_layer": int(out.exit_layers[k]), "truncated": bool(batch["truncated"][k]),
+                              "entropies": [e for e in out.entropies[k].tolist() if not math.isnan(e)]}
     return results
 
 
-def classify_batch(model, batch, S: float) -> list:
-    inputs = batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]
-    if inputs[0].shape[0] == 1:  # one input: the paper's loop itself
-        one = early_exit(model, *inputs, S=S)
-        return [{"probabilities": one.probabilities.tolist(), "exit_layer": one.exit_layer,
-                 "entropies": one.entropies, "truncated": bool(batch["truncated"][0])}]
-    many = early_exit_batch(model, *inputs, S=S)
-    return [{"probabilities": probabilities, "exit_layer": exit_layer,
-             "entropies": [e for e in entropies if not math.isnan(e)], "truncated": truncated}
-            for probabilities, exit_layer, entropies, truncated in zip(
-                many.probabilities.tolist(), many.exit_layers.tolist(), many.entropies.tolist(),
-                batch["truncated"].tolist())]
-
-
-def as_json(text_pair: tuple, result: dict, labels: list, num_layers: int) -> str:
-    probabilities = result["probabilities"]
-    best = max(range(len(probabilities)), key=probabilities.__getitem__)
-    record = {"text": text_pair[0]}
-    if text_pair[1] is not None:
-        record["text_b"] = text_pair[1]
-    record.update(label=labels[best], probability=round(probabilities[best], 6), exit_layer=result["exit_layer"],
-                  num_layers=num_layers, entropies=[round(e, 6) for e in result["entropies"]],
-                  truncated=result["truncated"])
-    return json.dumps(record, ensure_ascii=False)
-
-
-def print_one(result: dict, labels: list, num_layers: int, max_length: int) -> None:
-    probabilities = result["probabilities"]
-    best = max(range(len(probabilities)), key=probabilities.__getitem__)
-    print(f"label: {labels[best]} (probability {probabilities[best]:.3f})")
-    print(f"exit layer: {result['exit_layer']} of {num_layers}")
+def print_one(result: dict, n: int, args) -> None:
+    print(f"label: {result['label']} (probability {result['probability']:.3f})")
+    print(f"exit layer: {result['exit_layer']} of {n}")
     print("entropy per layer: " + "  ".join(f"{i}: {e:.4f}" for i, e in enumerate(result["entropies"], start=1)))
     if result["truncated"]:
-        print(f"note: the input was longer than --max_length {max_length} tokens and was truncated")
+        print(f"note: the input was longer than --max_length {args.max_length} tokens and was truncated")
 
 
-def print_many(text_pairs: list, results: list, labels: list, num_layers: int, max_length: int) -> None:
-    for number, (pair, result) in enumerate(zip(text_pairs, results), start=1):
-        probabilities = result["probabilities"]
-        best = max(range(len(probabilities)), key=probabilities.__getitem__)
-        text = pair[0] if pair[1] is None else f"{pair[0]} | {pair[1]}"
-        shown = text if len(text) <= 60 else text[:57] + "..."
-        cut = f"  (truncated to {max_length} tokens)" if result["truncated"] else ""
-        exit_layer = f"exit {result['exit_layer']}/{num_layers}"
-        print(f"{number:>4}  {labels[best]}  p={probabilities[best]:.3f}  {exit_layer}  {shown}{cut}")
+def print_line(number: int, example: Example, result: dict, n: int, args) -> None:
+    text = example.text_a if example.text_b is None else f"{example.text_a} | {example.text_b}"
+    cut = f"  (truncated to {args.max_length} tokens)" if result["truncated"] else ""
+    shown = text if len(text) <= 60 else text[:57] + "..."
+    print(f"{number:>4}  {result['label']}  p={result['probability']:.3f}  exit {result['exit_layer']}/{n}  {shown}{cut}")
 
 
-def threshold_notes(args, S: float, num_classes: int, explicit: bool) -> None:
-    say(args, f"S = {S:g}")
-    if not explicit:
-        say(args, "note: S = 0 means no early exit: every input runs all layers (the fine-tuned BERT); "
-                  "pass --S 0.4 to exit early")
-    if S > math.log(num_classes):
-        say(args, f"note: S = {S:g} is above ln {num_classes} = {math.log(num_classes):.3f}, the largest entropy "
-                  f"{num_classes} classes can have: every input exits at layer 1")
+def print_json(number: int, example: Example, result: dict, n: int, args) -> None:
+    record = {"text": example.text_a, **({"text_b": example.text_b} if example.text_b is not None else {}),
+              "label": result["label"], "probability": round(result["probability"], 6), "exit_layer": result["exit_layer"],
+              "num_layers": n, "entropies": [round(e, 6) for e in result["entropies"]], "truncated": result["truncated"]}
+    print(json.dumps(record, ensure_ascii=False))
+
+
+def calibrated_S(checkpoint: Path) -> float:
+    results = checkpoint / "results.json"
+    calibration = json.loads(results.read_text()).get("calibration") if results.is_file() else None
+    if not calibration:
+        raise DeeBertError(f"--S auto: {checkpoint} was never calibrated; run python infer.py --model {checkpoint} "
+                           "--eval --max_disagree 0.05 first, or give a number")
+    return calibration["S"]
 
 
 def run_texts(args) -> None:
@@ -306,95 +239,110 @@ def run_texts(args) -> None:
         raise DeeBertError(f"give one --S to classify texts, not {len(args.S)}; several thresholds go with --eval")
     if args.texts and args.file:
         raise DeeBertError("give texts on the command line or --file, not both")
-    S = args.S[0] if args.S else 0.0
-    model, tokenizer, task, _ = load(args)
-    if args.file:
-        inputs, batch_size = file_inputs(args.file, task), args.batch_size
-    else:
-        inputs, batch_size = [check_texts(args.texts, task, "input")], 1
-    labels, n = label_names(model, task), model.num_layers
-    threshold_notes(args, S, len(labels), explicit=args.S is not None)
-    results = classify(model, tokenizer, inputs, S, batch_size)
-    if args.json:
-        for pair, result in zip(inputs, results):
-            print(as_json(pair, result, labels, n))
-    elif len(inputs) == 1 and not args.file:
-        print_one(results[0], labels, n, args.max_length)
-    else:
-        print_many(inputs, results, labels, n, args.max_length)
+    model, tokenizer, task, checkpoint = load(args)
+    S = 0.0 if args.S is None else calibrated_S(checkpoint) if args.S[0] == "auto" else args.S[0]
+    examples = read_examples(args.file, task) if args.file else [as_example(args.texts, task, "input")]
+    C = len(model.config.labels)
+    say(args, f"S = {S:g}" + (" (calibrated)" if args.S == ["auto"] else ""))
+    if args.S is None:
+        say(args, "note: S = 0 means no early exit: every input runs all layers (the fine-tuned BERT); pass --S 0.4 to exit early")
+    if S > math.log(C):
+        say(args, f"note: S = {S:g} is above ln {C} = {math.log(C):.3f}, the largest entropy {C} classes can have: "
+                  "every input exits at layer 1")
+    results = classify(model, tokenizer, examples, S, args.batch_size)
+    printer = print_json if args.json else print_line if args.file else lambda _, __, r, n, a: print_one(r, n, a)
+    for number, (example, result) in enumerate(zip(examples, results), start=1):
+        printer(number, example, result, model.num_layers, args)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Evaluating: the dev-set sweep, the wall clock, the CSV and the figure
+# Evaluating: the sweep, the certified S, the wall clock, the CSV and the figure
 
 
-def print_sweep(rows: list, task, num_layers: int) -> None:
-    metrics = list(task.metrics)
-    print(f"{'S':>8}  " + "  ".join(f"{m:>9}" for m in metrics) + "  avg exit layer  expected saving  drop (points)")
+def print_sweep(rows: list, task, n: int) -> None:
+    print(f"{'S':>8}  " + "  ".join(f"{m:>9}" for m in task.metrics) + "  avg exit layer  expected saving  drop (points)")
     for row in rows:
         S = "full" if row["S"] is None else f"{row['S']:g}"
-        values = "  ".join(f"{100 * row[m]:>9.2f}" for m in metrics)
-        print(f"{S:>8}  {values}  {row['avg_exit_layer']:>8.2f} / {num_layers:<3}  {100 * row['expected_saving']:>14.1f}%"
-              f"  {row['drop']:>13.2f}")
+        values = "  ".join(f"{100 * row[m]:>9.2f}" for m in task.metrics)
+        print(f"{S:>8}  {values}  {row['avg_exit_layer']:>8.2f} / {n:<3}  {100 * row['expected_saving']:>14.1f}%  {row['drop']:>13.2f}")
 
 
-def print_timing(rows: list) -> None:
-    print(f"{'S':>8}  {'batch':>5}  {'seconds':>9}  {'measured saving':>15}  {'expected saving':>15}  measured/expected")
-    for row in rows:
-        S = "full" if row["S"] is None else f"{row['S']:g}"
-        ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f}"
-        print(f"{S:>8}  {row['batch_size']:>5}  {row['seconds']:>9.3f}  {100 * row['measured_saving']:>14.1f}%"
-              f"  {100 * row['expected_saving']:>14.1f}%  {ratio:>17}")
+def print_timing(timing: list) -> None:
+    print(f"{'S':>8}  batch  {'measured saving':>17}  {'expected':>8}  measured/expected  rounds")
+    for row in timing[1:]:
+        saving = f"{100 * row['measured_saving']:5.1f}% ± {100 * row['spread']:.1f}"
+        ratio = "within noise" if within_noise(row) else "-" if row["ratio"] is None else f"{row['ratio']:.2f}"
+        print(f"{row['S']:>8g}  {row['batch_size']:>5}  {saving:>17}  {100 * row['expected_saving']:7.1f}%  {ratio:>17}  {row['rounds']:>6}")
 
 
-def time_and_merge(args, model, tokenizer, examples, S_values, rows) -> None:
-    """Wall clock at batch 1 and at --eval_batch_size; the seconds and savings join the sweep's rows."""
-    subset = examples[:args.timing_examples]
-    device = next(model.parameters()).device
-    print(f"\nwall clock on {len(subset)} examples: {device}, {args.dtype}, {torch.get_num_threads()} torch threads "
-          f"(full = all layers + the last off-ramp; measured saving = 1 - t(S) / t(full))")
-    for batch_size in dict.fromkeys((1, args.eval_batch_size)):
-        timing = measure_wall_clock(model, encode_batches(tokenizer, subset, batch_size), S_values,
-                                    repeats=args.timing_repeats)
-        print_timing(timing)
-        for row, timed in zip(rows, timing):
-            row[f"seconds_batch{batch_size}"] = timed["seconds"]
-            row[f"measured_saving_batch{batch_size}"] = timed["measured_saving"]
+def held_out_report(name: str, S: float, logits, labels, task) -> str:
+    full, at_S = sweep(logits, labels, task, [S])
+    metric, disagree = task.main_metric, float(disagreement(logits, S).float().mean())
+    return (f"{name} S = {S:g} on the {len(logits)} dev examples it did not see: disagrees with the full model on "
+            f"{100 * disagree:.2f}%, {metric} {100 * at_S[metric]:.2f} (full model {100 * full[metric]:.2f}), "
+            f"expected saving {100 * at_S['expected_saving']:.1f}%")
+
+
+def calibrate(args, model, tokenizer, task, checkpoint, examples, logits, labels, S_values) -> None:
+    """Certify S on half the dev set (or --calibration_file) and report it on the dev examples it did not see."""
+    if args.calibration_file:
+        calibration = read_examples(args.calibration_file, task)
+        cal_logits, _ = full_pass(model, batches(tokenizer, calibration, args.eval_batch_size, by_length(tokenizer, calibration)))
+        test, source = torch.arange(len(examples)), f"{len(calibration)} unlabelled texts of {args.calibration_file}"
+    else:
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0))
+        cal, test = order[: len(order) // 2], order[len(order) // 2 :]
+        cal_logits, source = logits[cal], f"a random half of {task.folder} {args.split} ({len(cal)} examples)"
+        by_drop = choose_S(sweep(logits[cal], labels[cal], task, S_values), args.max_drop)
+    result = certify_S(cal_logits, args.max_disagree, args.delta, S_values)
+    print(f"\ncertified on {source}: S = {result['S']:g} disagrees with the full model on at most "
+          f"{100 * args.max_disagree:g}% of such inputs, with probability >= {1 - args.delta:g}")
+    print(held_out_report("certified", result["S"], logits[test], labels[test], task))
+    if not args.calibration_file and by_drop is not None:
+        print(held_out_report(f"--max_drop {args.max_drop:g}, chosen on the same half:", by_drop, logits[test], labels[test], task))
+    path = checkpoint / "results.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    results["calibration"] = {**result, "source": source}
+    write_atomically(path, lambda temporary: temporary.write_text(json.dumps(results, indent=2) + "\n"))
+    print(f"wrote the certified S into {path}; use it with --S auto")
 
 
 def run_eval(args) -> None:
     if args.texts or args.file:
         raise DeeBertError("--eval reads the dev set; drop the texts and --file (or drop --eval)")
+    if args.S and "auto" in args.S:
+        raise DeeBertError("--eval sweeps numbers; --S auto is for classifying texts")
     model, tokenizer, task, checkpoint = load(args)
-    S_values = args.S if args.S is not None else PAPER_THRESHOLDS
-    examples = read_split(task, find_data_dir(task, args.data_dir), args.split)[:args.max_eval_examples]
-    batches = encode_batches(tokenizer, examples, args.eval_batch_size)
-    truncated = sum(int(batch["truncated"].sum()) for batch in batches)
-    if truncated:
-        print(f"note: {truncated} of {len(examples)} {args.split} inputs were longer than {args.max_length} tokens "
-              f"and were truncated")
+    S_values = args.S or PAPER_THRESHOLDS
+    examples = read_split(task, find_data_dir(task, args.data_dir), args.split)[: args.max_eval_examples]
     start = time.perf_counter()
-    all_logits, labels = full_pass(model, batches)
+    logits, labels = full_pass(model, batches(tokenizer, examples, args.eval_batch_size, by_length(tokenizer, examples)))
     print(f"{task.folder} {args.split}: {len(examples)} examples through all {model.num_layers} layers and off-ramps "
           f"in {time.perf_counter() - start:.1f} s\n")
-    rows = sweep(all_logits, labels, task, S_values)
+    rows = sweep(logits, labels, task, S_values)
     print_sweep(rows, task, model.num_layers)
+    if args.max_disagree:
+        calibrate(args, model, tokenizer, task, checkpoint, examples, logits, labels, S_values)
+    timing = []
     if not args.no_timing:
-        time_and_merge(args, model, tokenizer, examples, S_values, rows)
-    write_outputs(args, rows, task, Path(args.out) if args.out else checkpoint)
-    best = choose_S(rows, args.max_drop)
-    points = "point" if args.max_drop == 1 else "points"
-    print(f"largest S within {args.max_drop:g} {points} of the full model's {task.main_metric}: "
-          + ("none" if best is None else f"{best:g}"))
-
-
-def write_outputs(args, rows: list, task, out: Path) -> None:
+        subset = examples[: args.timing_examples]
+        print(f"\nwall clock on {len(subset)} examples sorted by length: {next(model.parameters()).device}, {args.dtype}, "
+              f"{torch.get_num_threads()} threads (full = all layers + the last off-ramp; saving = 1 - t(S) / t(full), "
+              "median of rounds ± half their interquartile range)")
+        for B in dict.fromkeys((1, args.eval_batch_size)):
+            rows_B = measure_wall_clock(model, batches(tokenizer, subset, B, by_length(tokenizer, subset)), S_values,
+                                        budget_seconds=args.timing_seconds)
+            print_timing(rows_B)
+            timing += rows_B
+            for row, timed in zip(rows, rows_B):
+                row.update({f"{key}_batch{B}": timed[key] for key in ("measured_saving", "spread", "expected_saving", "seconds")})
+    out = Path(args.out) if args.out else checkpoint
     print(f"\nwrote {write_csv(rows, out / 'tradeoff.csv')}")
-    png = plot(rows, out / "tradeoff.png", metric=task.main_metric)
+    png = plot(out / "tradeoff.png", rows, task.main_metric, {"off-ramps": per_layer_metrics(logits, labels, task)}, timing)
     print(f"wrote {png}" if png else "tradeoff.png skipped: matplotlib is not installed (pip install matplotlib)")
-
-
-# ----------------------------------------------------------------------------------------------------
+    best = choose_S(rows, args.max_drop)
+    print(f"largest S within {args.max_drop:g} point{'s' * (args.max_drop != 1)} of the full model's {task.main_metric}: "
+          + ("none" if best is None else f"{best:g}"))
 
 
 def main(argv=None) -> int:

@@ -1,4 +1,4 @@
-"""Fine-tune DeeBERT on a GLUE task in two loops (paper section 2, "Training").
+"""Fine-tune DeeBERT on a GLUE task in two loops (paper section 3.1).
 
     python train.py --task rte                       # the authors' recipe on bert-base-uncased
     python train.py --task rte --model DIR           # any BERT checkpoint directory (or hub id)
@@ -28,10 +28,10 @@ from deebert.checkpoint import load_deebert, resolve, save_checkpoint
 from deebert.config import BertConfig
 from deebert.device import pick_device
 from deebert.errors import DeeBertError
+from deebert.exit import full_pass
 from deebert.glue import TASKS, compute_metrics, find_data_dir, get_task, read_split
 from deebert.stages import prepare_stage
-from deebert.tokenizer import Tokenizer, batches
-from deebert.tradeoff import full_pass
+from deebert.tokenizer import Tokenizer, batches, check_max_length
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -63,6 +63,8 @@ def parse_args(argv=None):
     # Options that depart from the paper (off by default; see OffRamp in deebert/model.py and the README).
     p.add_argument("--pooling", choices=["cls", "mean"], default="cls",
                    help="what an off-ramp reads: the [CLS] vector (paper) or the mean over tokens (for mean-pooled checkpoints such as all-MiniLM-L6-v2)")
+    p.add_argument("--joint", action="store_true",
+                   help="NOT the paper: one stage of --epochs training everything on the sum of all off-ramp losses, to compare with the two stages")
     # Size and speed.
     p.add_argument("--max_train_examples", type=int, default=None, help="train on a seeded random subset of this size (default: all)")
     p.add_argument("--max_eval_examples", type=int, default=None, help="score only the first N dev examples (default: all)")
@@ -77,23 +79,22 @@ def parse_args(argv=None):
 
 
 def check_args(args, max_positions: int):
-    """Nonsensical numbers get a one-line error before any work is done."""
-    for name in ("batch_size", "eval_batch_size", "log_every"):
-        if getattr(args, name) < 1:
-            raise DeeBertError(f"--{name} must be at least 1, not {getattr(args, name)}")
-    if args.max_length < 8:
-        raise DeeBertError(f"--max_length {args.max_length} is too short for [CLS] a [SEP] b [SEP]; use at least 8")
-    if args.max_length > max_positions:
-        raise DeeBertError(f"--max_length {args.max_length} exceeds the model's {max_positions} positions; use at most {max_positions}")
-    for name in ("learning_rate", "stage2_learning_rate"):
-        if not getattr(args, name) > 0:
-            raise DeeBertError(f"--{name} must be a positive number, not {getattr(args, name)}")
-    for name in ("epochs", "stage2_epochs", "weight_decay", "warmup", "max_grad_norm"):
-        if not getattr(args, name) >= 0:
-            raise DeeBertError(f"--{name} must be a non-negative number, not {getattr(args, name)}")
-    for name in ("max_train_examples", "max_eval_examples"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise DeeBertError(f"--{name} must be at least 1")
+    """Every number outside its meaning gets a one-line error before any work is done."""
+    ranges = {  # name: (lowest allowed, highest allowed, lowest excluded)
+        "batch_size": (1, None, False), "eval_batch_size": (1, None, False), "log_every": (1, None, False),
+        "learning_rate": (0, None, True), "stage2_learning_rate": (0, None, True), "adam_eps": (0, None, True),
+        "epochs": (0, None, True), "stage2_epochs": (0, None, True), "max_grad_norm": (0, None, True),
+        "weight_decay": (0, None, False), "warmup": (0, 1, False),
+        "max_train_examples": (1, None, False), "max_eval_examples": (1, None, False),
+    }
+    for name, (low, high, open_low) in ranges.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if not (value > low if open_low else value >= low) or (high is not None and not value <= high):
+            span = f"{'(' if open_low else '['}{low}, {high if high is not None else 'inf'}{']' if high is not None else ')'}"
+            raise DeeBertError(f"--{name} {value} is outside {span}; pass a value in that range")
+    check_max_length(args.max_length, max_positions)
 
 
 def check_output_dir(output_dir: Path, overwrite: bool):
@@ -123,10 +124,10 @@ class StageLoss(nn.Module):
         return self.loss_fn(self.model, batch)
 
 
-def train_stage(stage: int, model, examples, args, run) -> dict:
-    """Stage 1 or 2 of paper section 2: freeze what the stage does not train, then AdamW over the examples."""
+def train_stage(stage, model, examples, args, run) -> dict:
+    """Stage 1, 2 (or "joint") of paper section 3.1: freeze what the stage does not train, then AdamW over the examples."""
     trainable, loss_fn = prepare_stage(model, stage)  # stage 1: backbone + f_n on L_n; stage 2: f_1..f_{n-1}
-    lr, epochs = (args.learning_rate, args.epochs) if stage == 1 else (args.stage2_learning_rate, args.stage2_epochs)
+    lr, epochs = (args.stage2_learning_rate, args.stage2_epochs) if stage == 2 else (args.learning_rate, args.epochs)
     net = StageLoss(model, loss_fn)
     if run.world_size > 1:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[run.device.index] if run.device.type == "cuda" else None)
@@ -139,9 +140,9 @@ def train_stage(stage: int, model, examples, args, run) -> dict:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16, enabled=args.amp != "none")
 
     run.log(f"stage {stage}: {sum(p.numel() for p in trainable):,} trainable parameters, {total_steps} steps, lr {lr:g}")
-    step, seen, loss_sum, started = 0, 0, 0.0, time.perf_counter()
+    step, seen, loss_sum, started = 0, 0, torch.zeros((), device=run.device), time.perf_counter()
     for epoch in range(math.ceil(epochs)):
-        for batch in batches(run.tokenizer, examples, args.batch_size, epoch_order(len(examples), args.seed, stage, epoch, run)):
+        for batch in batches(run.tokenizer, examples, args.batch_size, epoch_order(len(examples), args.seed, 1 if stage == "joint" else stage, epoch, run)):
             if step == total_steps:
                 break
             batch = {k: v.to(run.device) for k, v in batch.items()}
@@ -150,13 +151,15 @@ def train_stage(stage: int, model, examples, args, run) -> dict:
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
-            scaler.step(optimizer)
+            scale = scaler.get_scale()
+            scaler.step(optimizer)  # fp16: skipped when the gradients overflowed, and the scale shrinks
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            schedule.step()
-            step, seen, loss_sum = step + 1, seen + len(batch["labels"]) * run.world_size, loss_sum + loss.item()
-            if step % args.log_every == 0 or step == total_steps:
-                run.log(progress_line(stage, epoch, step, total_steps, loss_sum / step, seen, started))
+            if scaler.get_scale() >= scale:  # a skipped step does not advance the schedule either
+                schedule.step()
+            step, seen, loss_sum = step + 1, seen + len(batch["labels"]) * run.world_size, loss_sum + loss.detach()
+            if step % args.log_every == 0 or step == total_steps:  # .item() waits for the GPU: only when printing
+                run.log(progress_line(stage, epoch, step, total_steps, loss_sum.item() / step, seen, started))
     for p in model.parameters():
         p.requires_grad_(False)
     return {"steps": step, "examples_per_second": seen / (time.perf_counter() - started), "seconds": time.perf_counter() - started}
@@ -228,17 +231,23 @@ def per_layer_table(results: list, task, trained_layers: int) -> str:
 
 
 class Run:
-    """What one process knows: its rank, the device, the tokenizer, and whether it may print."""
+    """What one process knows: its rank, the device, the tokenizer, and whether it may print.
+
+    Under torchrun every process checks --device as a single process does (so a missing GPU is an error,
+    never a silent CPU run); on GPUs process r of a machine takes GPU LOCAL_RANK, and NCCL is bound to it.
+    """
 
     def __init__(self, args):
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
+        self.device = pick_device(args.device)
         if self.world_size > 1:
-            cuda = args.device != "cpu" and torch.cuda.is_available()
-            dist.init_process_group("nccl" if cuda else "gloo")
-            self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if cuda else torch.device("cpu")
-        else:
-            self.device = pick_device(args.device)
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+                torch.cuda.set_device(self.device)
+                dist.init_process_group("nccl", device_id=self.device)
+            else:
+                dist.init_process_group("gloo")
         self.tokenizer = None
 
     def log(self, message=""):
@@ -247,7 +256,7 @@ class Run:
 
     def barrier(self):
         if self.world_size > 1:
-            dist.barrier()
+            dist.barrier(device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def close(self):
         if self.world_size > 1:
@@ -282,7 +291,7 @@ def main(argv=None):
     train, dev = load_data(task, args, run)
 
     torch.manual_seed(args.seed)  # the fresh off-ramp classifiers, dropout, and everything after
-    model = load_deebert(model_dir, labels=list(task.labels), pooling=args.pooling)
+    model = load_deebert(model_dir, labels=list(task.label_names), pooling=args.pooling)  # float32, whatever the file
     model.config.task = task.name
     model.to(run.device)
     run.tokenizer = Tokenizer.from_dir(model_dir, max_length=args.max_length)
@@ -290,7 +299,7 @@ def main(argv=None):
             f"off-ramps read {args.pooling}), device {run.device}, {torch.get_num_threads()} threads, {run.world_size} process(es)")
 
     results = {}
-    for stage in (1, 2):
+    for stage in ("joint",) if args.joint else (1, 2):
         stats = train_stage(stage, model, train, args, run)
         if run.rank == 0:
             started = time.perf_counter()
@@ -318,5 +327,8 @@ if __name__ == "__main__":
     try:
         main()
     except DeeBertError as err:
-        print(f"error: {err}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every process fails alike: one line is enough
+            print(f"error: {err}", file=sys.stderr)
+        else:
+            time.sleep(2)  # the others wait, so torchrun does not stop rank 0 before it has printed
         sys.exit(2)

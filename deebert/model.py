@@ -3,7 +3,7 @@
 BERT (Devlin et al. 2019) as the original code computes it, so real checkpoints load and give the same
 numbers as Hugging Face `transformers` (the tests check every layer to 1e-5): learned positions,
 post-LayerNorm residuals, the exact erf GELU, LayerNorm eps from the config.
-DeeBERT (Xin et al. 2020, section 2) adds an off-ramp, a small classifier, after every layer.
+DeeBERT (Xin et al. 2020, section 3) adds an off-ramp, a small classifier, after every layer.
 
     input_ids (B, T) -> Embeddings -> Layer 1 -> Layer 2 -> ... -> Layer n
                                          |          |                 |
@@ -27,14 +27,23 @@ ACTIVATIONS = {
 }
 
 
+def embedding(num: int, dim: int) -> nn.Embedding:
+    """A lookup table of `num` vectors, zeros until a checkpoint or `init_weights` fills it.
+
+    Passing the weight skips nn.Embedding's own N(0, 1) draw, which BERT does not use anyway and which,
+    on the meta device where `checkpoint.py` builds models, costs a second of one-time set-up.
+    """
+    return nn.Embedding(num, dim, _weight=torch.zeros(num, dim))
+
+
 class Embeddings(nn.Module):
     """Token ids -> vectors: word + position + token type (segment A or B), then LayerNorm and dropout."""
 
     def __init__(self, config: BertConfig):
         super().__init__()
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
-        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.word_embeddings = embedding(config.vocab_size, config.hidden_size)
+        self.position_embeddings = embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = embedding(config.type_vocab_size, config.hidden_size)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 

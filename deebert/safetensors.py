@@ -17,14 +17,13 @@ checked before it is trusted: a broken file raises `DeeBertError`, never a crash
 
 import json
 import math
-import os
 import struct
-import tempfile
 from pathlib import Path
 
 import torch
 
 from deebert.errors import DeeBertError
+from deebert.files import write_atomically
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -109,7 +108,7 @@ def load_file(path) -> dict[str, torch.Tensor]:
 
 
 def save_file(tensors: dict[str, torch.Tensor], path, metadata: dict | None = None) -> None:
-    """Write tensors as a safetensors file, atomically: a temporary file renamed into place."""
+    """Write tensors as a safetensors file, atomically (see deebert/files.py)."""
     path = Path(path)
     # Largest elements first keeps every tensor aligned to its element size, as the reference writer does.
     names = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
@@ -126,15 +125,13 @@ def save_file(tensors: dict[str, torch.Tensor], path, metadata: dict | None = No
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
     header_bytes += b" " * (-len(header_bytes) % 8)  # pad with spaces so the data starts 8-byte aligned
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+
+    def write(temporary):
+        with open(temporary, "wb") as f:
             f.write(struct.pack("<Q", len(header_bytes)))
             f.write(header_bytes)
             for name in names:
                 flat = tensors[name].detach().cpu().contiguous().reshape(-1)
                 f.write(flat.view(torch.uint8).numpy().data)
-        os.replace(tmp_name, path)
-    except BaseException:
-        os.unlink(tmp_name)
-        raise
+
+    write_atomically(path, write)

@@ -1,4 +1,4 @@
-"""DeeBERT's two training stages: what each one trains, and with which loss (paper section 2, "Training").
+"""DeeBERT's two training stages: what each one trains, and with which loss (paper section 3.1).
 
 Loss of off-ramp i on a batch: L_i = CrossEntropy(y, f_i(x)).
 
@@ -7,6 +7,8 @@ Loss of off-ramp i on a batch: L_i = CrossEntropy(y, f_i(x)).
 
 Freezing in stage 2 keeps the last off-ramp exactly as good as plain fine-tuned BERT. `train.py` runs
 the loop around these; they live here so that tests and benchmarks use the very same definitions.
+`joint` (train.py --joint) is NOT the paper's method: one stage, everything trained on L_1 + ... + L_n,
+kept to measure what the paper only argues in section 3.1 (that it would worsen the last off-ramp).
 """
 
 import torch
@@ -44,10 +46,17 @@ def stage2_loss(model, batch):
     return sum(losses)
 
 
-STAGES = {1: (stage1_parameters, stage1_loss), 2: (stage2_parameters, stage2_loss)}
+def joint_loss(model, batch):
+    """L_1 + ... + L_n with gradients everywhere: every layer serves every off-ramp (not the paper's method)."""
+    logits = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
+    return sum(F.cross_entropy(z.float(), batch["labels"]) for z in logits)
 
 
-def prepare_stage(model, stage: int) -> tuple:
+STAGES = {1: (stage1_parameters, stage1_loss), 2: (stage2_parameters, stage2_loss),
+          "joint": (lambda model: list(model.parameters()), joint_loss)}
+
+
+def prepare_stage(model, stage) -> tuple:
     """Freeze everything but the stage's parameters and set dropout as the stage wants it.
 
     Returns (the trainable parameters, the loss function).

@@ -1,6 +1,8 @@
-"""Shared fixtures: a tiny random BERT checkpoint made on the spot, the real MiniLM checkpoint and the
-real GLUE data when they are installed (CI installs them; elsewhere those tests skip)."""
+"""Shared fixtures and the one factory of test data: a tiny random BERT checkpoint, a tiny fine-tuned
+DeeBERT, and synthetic GLUE folders, made on the spot; the real MiniLM checkpoint and the real GLUE data
+when they are installed (CI installs them; elsewhere those tests skip)."""
 
+import json
 import os
 from pathlib import Path
 
@@ -8,9 +10,10 @@ import pytest
 import torch
 
 from deebert import safetensors
-from deebert.checkpoint import checkpoint_name, load_deebert
+from deebert.checkpoint import checkpoint_name, load_deebert, save_checkpoint
 from deebert.config import BertConfig
 from deebert.model import BertModel, init_weights
+from deebert.tokenizer import Tokenizer
 
 TINY_WORDS = ["the", "a", "cat", "dog", "sat", "on", "mat", "is", "good", "bad", "movie", "not", "very",
               "man", "woman", "eats", "food", "runs", "##s", "##ing", "play", ".", ",", "!", "?"]
@@ -24,13 +27,19 @@ def tiny_config(**overrides) -> BertConfig:
     return BertConfig(**values)
 
 
-def write_tiny_checkpoint(directory: Path, seed: int = 0, bert_base_naming: bool = True) -> Path:
+def write_tiny_checkpoint(directory: Path, seed: int = 0, bert_base_naming: bool = True, positions: int = 64,
+                          dtype=torch.float32) -> Path:
     """A random BERT saved the way bert-base-uncased is: `bert.` prefix, LayerNorm gamma/beta, cls.* heads,
-    the position_ids buffer; plus config.json and vocab.txt (no tokenizer.json)."""
+    the position_ids buffer; plus config.json and vocab.txt (no tokenizer.json). Without bert_base_naming,
+    named as all-MiniLM-L6-v2 is; word embeddings scaled up so that attention depends on the input."""
     torch.manual_seed(seed)
-    config = tiny_config()
+    config = tiny_config(max_position_embeddings=positions)
     model = BertModel(config)
     model.apply(init_weights)
+    if not bert_base_naming:
+        with torch.no_grad():
+            model.encoder.embeddings.word_embeddings.weight.mul_(50)
+    model.to(dtype)
     tensors = {}
     for name, tensor in model.state_dict().items():
         name = checkpoint_name(name)
@@ -44,7 +53,7 @@ def write_tiny_checkpoint(directory: Path, seed: int = 0, bert_base_naming: bool
     directory.mkdir(parents=True, exist_ok=True)
     safetensors.save_file(tensors, directory / "model.safetensors")
     values = {k: v for k, v in config.to_dict().items() if k not in ("task", "labels", "off_ramp_pooling")}
-    (directory / "config.json").write_text(__import__("json").dumps(values))
+    (directory / "config.json").write_text(json.dumps(values))
     (directory / "vocab.txt").write_text("\n".join(TINY_VOCAB) + "\n")
     return directory
 
@@ -106,3 +115,28 @@ def tiny_deebert(directory, labels=("no", "yes"), pooling=None, scales=SCALES):
         for ramp, scale in zip(model.off_ramps, scales):
             ramp.classifier.weight.mul_(scale)
     return model.eval()
+
+
+def fine_tuned(directory: Path, task: str = "sst-2", labels=("negative", "positive")) -> Path:
+    """A tiny 'fine-tuned' checkpoint at directory/task: tiny_deebert's off-ramps, saved as train.py saves."""
+    model = tiny_deebert(directory / "pretrained", labels=labels)
+    model.config.task = task
+    return save_checkpoint(model, Tokenizer.from_dir(directory / "pretrained"), directory / task)
+
+
+GOOD = ["good", "very good", "good movie", "a good cat", "the dog is good", "good good"]
+BAD = ["bad", "not bad movie", "bad dog", "the cat is bad", "a bad mat", "very bad"]
+
+
+def write_glue(root: Path, n_train: int = 96, n_dev: int = 24) -> Path:
+    """A GLUE root with SST-2 (`sentence, label`: label 1 when the sentence says good) and RTE
+    (`index, sentence1, sentence2, label`), from the tiny vocabulary, in GLUE's TSV format."""
+    for folder in ("SST-2", "RTE"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("dev", n_dev)):
+        sst = [f"{(GOOD if i % 2 else BAD)[i % 6]} {['', 'the mat', 'on the mat', 'sat'][i % 4]}\t{i % 2}" for i in range(n)]
+        (root / "SST-2" / f"{split}.tsv").write_text("sentence\tlabel\n" + "\n".join(sst) + "\n")
+        rte = [f"{i}\tthe man eats food .\t{['a man eats', 'the dog runs'][i % 2]} .\t{['entailment', 'not_entailment'][i % 2]}"
+               for i in range(n)]
+        (root / "RTE" / f"{split}.tsv").write_text("index\tsentence1\tsentence2\tlabel\n" + "\n".join(rte) + "\n")
+    return root

@@ -1,7 +1,7 @@
 """Tests for deebert/glue.py: tasks, TSV reading, metrics, finding and downloading the data.
 
-Offline and fast. The real-data tests read $GLUE_DIR (a glue_data/ folder)
-and skip when it is unset or lacks the task; everything else writes tiny TSVs into tmp_path.
+Offline and fast: urlopen is replaced by a fake server. The real-data tests read $GLUE_DIR (a glue_data/
+folder) and skip when it is unset or lacks the task; everything else writes tiny TSVs into tmp_path.
 """
 
 import io
@@ -17,16 +17,7 @@ import pytest
 
 from deebert import glue
 from deebert.errors import DeeBertError
-from deebert.glue import (
-    TASKS,
-    Example,
-    build_mrpc,
-    compute_metrics,
-    download_task,
-    find_data_dir,
-    get_task,
-    read_split,
-)
+from deebert.glue import TASKS, Example, build_mrpc, compute_metrics, download_task, find_data_dir, get_task, read_split
 
 RTE_HEADER = "index\tsentence1\tsentence2\tlabel"
 
@@ -39,7 +30,10 @@ def write_tsv(folder: Path, name: str, lines: list) -> Path:
     return path
 
 
-def assert_one_line(error: pytest.ExceptionInfo) -> str:
+def error_message(function, *args, **kwargs) -> str:
+    """The message of the DeeBertError that function(*args, **kwargs) raises, checked to be one line."""
+    with pytest.raises(DeeBertError) as error:
+        function(*args, **kwargs)
     message = str(error.value)
     assert "\n" not in message
     return message
@@ -61,6 +55,17 @@ def test_tasks_table():
     assert get_task("mnli").dev_splits == ("dev_matched", "dev_mismatched")
 
 
+def test_label_names():
+    for task in TASKS.values():
+        assert len(task.label_names) == len(task.labels), task.name
+    assert get_task("sst-2").label_names == ("negative", "positive")
+    assert get_task("mrpc").label_names == ("not_equivalent", "equivalent")
+    assert get_task("qqp").label_names == ("not_duplicate", "duplicate")
+    assert get_task("cola").label_names == ("unacceptable", "acceptable")
+    assert get_task("rte").label_names == get_task("qnli").label_names == ("entailment", "not_entailment")
+    assert get_task("mnli").label_names == ("contradiction", "entailment", "neutral")
+
+
 def test_get_task_is_case_insensitive_with_alias():
     assert get_task("RTE") is TASKS["rte"]
     assert get_task("CoLA") is TASKS["cola"]
@@ -68,19 +73,11 @@ def test_get_task_is_case_insensitive_with_alias():
     assert get_task("sst2") is TASKS["sst-2"]
 
 
-def test_get_task_unknown_lists_known_names():
-    with pytest.raises(DeeBertError) as error:
-        get_task("wnli")
-    message = assert_one_line(error)
+def test_get_task_refuses_unknown_and_regression_tasks():
+    message = error_message(get_task, "wnli")
     assert "'wnli'" in message
-    for name in TASKS:
-        assert name in message
-
-
-def test_get_task_sts_b_is_regression():
-    with pytest.raises(DeeBertError) as error:
-        get_task("STS-B")
-    assert "regression" in assert_one_line(error)
+    assert all(name in message for name in TASKS)
+    assert "regression" in error_message(get_task, "STS-B")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -164,11 +161,10 @@ def test_build_mrpc_reproduces_glue_files(glue_root, tmp_path):
     mrpc = glue_root / "MRPC"
     sources = [mrpc / "msr_paraphrase_train.txt", mrpc / "msr_paraphrase_test.txt", mrpc / "dev_ids.tsv"]
     if not all(path.is_file() for path in sources):
-        pytest.skip("GLUE_DIR has no MRPC raw files")
+        pytest.skip("GLUE_DIR/MRPC lacks msr_paraphrase_train.txt, msr_paraphrase_test.txt or dev_ids.tsv")
     build_mrpc(*sources, tmp_path)
-    for name in ("train.tsv", "dev.tsv", "test.tsv"):
-        if (mrpc / name).is_file():
-            assert (tmp_path / name).read_bytes() == (mrpc / name).read_bytes(), name
+    for name in ("train.tsv", "dev.tsv", "test.tsv"):  # all three must exist in GLUE_DIR/MRPC and match
+        assert (tmp_path / name).read_bytes() == (mrpc / name).read_bytes(), name
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -179,10 +175,7 @@ def test_read_pair_task(tmp_path):
     write_tsv(tmp_path, "dev.tsv", [RTE_HEADER, "0\tA cat sat.\tAn animal sat.\tentailment",
                                     '1\t"Quoted\tstart.\tnot_entailment'])
     examples = read_split(get_task("rte"), tmp_path, "dev")
-    assert examples == [
-        Example("A cat sat.", "An animal sat.", 0),
-        Example('"Quoted', "start.", 1),
-    ]
+    assert examples == [Example("A cat sat.", "An animal sat.", 0), Example('"Quoted', "start.", 1)]
 
 
 def test_read_windows_line_endings(tmp_path):
@@ -216,20 +209,8 @@ def test_read_mnli_dev_splits(tmp_path):
     assert read_split(mnli, tmp_path, "dev_mismatched") == [Example("X.", "Y.", 0)]
 
 
-def test_read_mnli_row_without_label_is_malformed(tmp_path):
-    write_tsv(tmp_path, "train.tsv", ["header", "\t".join(["x"] * 10)])
-    with pytest.raises(DeeBertError) as error:
-        read_split(get_task("mnli"), tmp_path, "train")
-    assert "line 2: expected at least 11 tab-separated columns, found 10" in assert_one_line(error)
-
-
-def test_read_qqp_and_its_malformed_rows(tmp_path):
+def test_read_qqp(tmp_path):
     header = "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate"
-    write_tsv(tmp_path, "train.tsv", [header, "7\t1\t2\tHow old?\tWhat age?\t1", "8\t3\t4\tWhy?\t0"])
-    with pytest.raises(DeeBertError) as error:
-        read_split(get_task("qqp"), tmp_path, "train")
-    assert "train.tsv line 3: expected at least 6 tab-separated columns, found 5" in assert_one_line(error)
-
     write_tsv(tmp_path, "dev.tsv", [header, "7\t1\t2\tHow old?\tWhat age?\t1", "8\t3\t4\tWhy?\tHow?\t0"])
     assert read_split(get_task("qqp"), tmp_path, "dev") == [
         Example("How old?", "What age?", 1),
@@ -241,21 +222,25 @@ def test_read_qqp_and_its_malformed_rows(tmp_path):
 # Synthetic TSVs: every error
 
 
-def test_malformed_row_names_file_and_line(tmp_path):
-    good = "0\tA.\tB.\tentailment"
-    write_tsv(tmp_path / "RTE", "dev.tsv", [RTE_HEADER, good, "1\tonly two"])
-    with pytest.raises(DeeBertError) as error:
-        read_split(get_task("rte"), tmp_path / "RTE", "dev")
-    message = assert_one_line(error)
-    assert "RTE/dev.tsv line 3: expected at least 4 tab-separated columns, found 2" in message
-    assert "not in GLUE TSV format" in message
+@pytest.mark.parametrize(
+    "name, lines, expected",
+    [
+        ("rte", [RTE_HEADER, "0\tA.\tB.\tentailment", "1\tonly two"],
+         "train.tsv line 3: expected at least 4 tab-separated columns, found 2; the file is not in GLUE TSV format"),
+        ("qqp", ["header", "7\t1\t2\tHow old?\tWhat age?\t1", "8\t3\t4\tWhy?\t0"],
+         "train.tsv line 3: expected at least 6 tab-separated columns, found 5"),
+        ("mnli", ["header", "\t".join(["x"] * 10)],  # the label is the last column, after the texts
+         "train.tsv line 2: expected at least 11 tab-separated columns, found 10"),
+    ],
+)
+def test_malformed_row_names_file_and_line(tmp_path, name, lines, expected):
+    write_tsv(tmp_path, "train.tsv", lines)
+    assert expected in error_message(read_split, get_task(name), tmp_path, "train")
 
 
 def test_bad_label_names_file_line_label_and_allowed(tmp_path):
     write_tsv(tmp_path, "train.tsv", [RTE_HEADER, "0\tA.\tB.\tmaybe"])
-    with pytest.raises(DeeBertError) as error:
-        read_split(get_task("rte"), tmp_path, "train")
-    message = assert_one_line(error)
+    message = error_message(read_split, get_task("rte"), tmp_path, "train")
     assert "train.tsv line 2" in message
     assert "'maybe'" in message
     assert "entailment, not_entailment" in message
@@ -265,27 +250,19 @@ def test_empty_split(tmp_path):
     write_tsv(tmp_path, "dev.tsv", [RTE_HEADER])
     (tmp_path / "train.tsv").write_bytes(b"")
     for split in ("dev", "train"):
-        with pytest.raises(DeeBertError) as error:
-            read_split(get_task("rte"), tmp_path, split)
-        assert "no data rows" in assert_one_line(error)
+        assert "no data rows" in error_message(read_split, get_task("rte"), tmp_path, split)
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(DeeBertError) as error:
-        read_split(get_task("rte"), tmp_path, "train")
-    message = assert_one_line(error)
+    message = error_message(read_split, get_task("rte"), tmp_path, "train")
     assert str(tmp_path / "train.tsv") in message
     assert "--data_dir" in message and "GLUE_DIR" in message
 
 
 def test_test_split_and_unknown_split_are_refused(tmp_path):
     write_tsv(tmp_path, "test.tsv", ["index\tsentence1\tsentence2", "0\tA.\tB."])
-    with pytest.raises(DeeBertError) as error:
-        read_split(get_task("rte"), tmp_path, "test")
-    assert "no labels" in assert_one_line(error)
-    with pytest.raises(DeeBertError) as error:
-        read_split(get_task("rte"), tmp_path, "dev_matched")
-    assert "'dev_matched'" in assert_one_line(error)
+    assert "no labels" in error_message(read_split, get_task("rte"), tmp_path, "test")
+    assert "'dev_matched'" in error_message(read_split, get_task("rte"), tmp_path, "dev_matched")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -324,16 +301,6 @@ def test_metrics_three_classes():
     metrics = compute_metrics(get_task("mnli"), [0, 1, 2, 2], [0, 1, 2, 1])
     assert metrics == {"accuracy": 0.75}
     assert isinstance(metrics["accuracy"], float)
-
-
-@pytest.mark.parametrize(
-    "predictions, labels",
-    [([0, 1], [0, 1, 1]), ([], []), ([0, 2], [0, 1]), ([[0.1, 0.9]], [1]), ([0.0, 1.0], [0, 1])],
-)
-def test_metrics_bad_input(predictions, labels):
-    with pytest.raises(DeeBertError) as error:
-        compute_metrics(get_task("rte"), predictions, labels)
-    assert_one_line(error)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -378,18 +345,11 @@ def test_find_data_dir_cache_defaults_to_home(tmp_path, monkeypatch, no_download
     assert find_data_dir(get_task("rte")) == cached
 
 
-def test_find_data_dir_argument_without_data(tmp_path):
-    with pytest.raises(DeeBertError) as error:
-        find_data_dir(get_task("rte"), tmp_path)
-    assert "--data_dir" in assert_one_line(error)
-
-
-def test_find_data_dir_nothing_found_without_download(tmp_path, monkeypatch, no_download):
+def test_find_data_dir_errors(tmp_path, monkeypatch, no_download):
+    assert "--data_dir" in error_message(find_data_dir, get_task("rte"), tmp_path)  # an argument without data
     monkeypatch.delenv("GLUE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    with pytest.raises(DeeBertError) as error:
-        find_data_dir(get_task("rte"), download=False)
-    message = assert_one_line(error)
+    message = error_message(find_data_dir, get_task("rte"), download=False)  # nothing anywhere, no download
     assert "--data_dir" in message and "GLUE_DIR" in message
 
 
@@ -427,6 +387,15 @@ RTE_ZIP = {
 }
 
 
+def download_error(tmp_path, monkeypatch, zip_files) -> str:
+    """Serve RTE.zip as `zip_files` (or as these bytes); return the one-line error and check nothing is left."""
+    page = zip_files if isinstance(zip_files, bytes) else zip_bytes(zip_files)
+    serve(monkeypatch, {glue.ZIP_URLS["RTE"]: page})
+    message = error_message(download_task, get_task("rte"), tmp_path / "RTE")
+    assert os.listdir(tmp_path) == []
+    return message
+
+
 def test_download_fills_the_cache(tmp_path, monkeypatch):
     monkeypatch.delenv("GLUE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
@@ -443,24 +412,23 @@ def test_download_fills_the_cache(tmp_path, monkeypatch):
     assert len(asked) == 1
 
 
-def test_download_finds_train_under_another_top_folder(tmp_path, monkeypatch):
+def test_download_of_a_zip_named_otherwise(tmp_path, monkeypatch):
     header = "index\tquestion\tsentence\tlabel"
-    files = {
-        "QNLIv2/train.tsv": f"{header}\n0\tWho?\tHim.\tentailment\n",
-        "QNLIv2/dev.tsv": f"{header}\n0\tWhat?\tThat.\tnot_entailment\n",
-        "QNLIv2/test.tsv": "index\tquestion\tsentence\n0\tWhy?\tBecause.\n",
+    files = {  # QNLIv2.zip unpacks to QNLI/
+        "QNLI/train.tsv": f"{header}\n0\tWho?\tHim.\tentailment\n",
+        "QNLI/dev.tsv": f"{header}\n0\tWhat?\tThat.\tnot_entailment\n",
+        "QNLI/test.tsv": "index\tquestion\tsentence\n0\tWhy?\tBecause.\n",
     }
-    serve(monkeypatch, {glue.ZIP_URLS["QNLI"]: zip_bytes(files)})
+    asked = serve(monkeypatch, {glue.ZIP_URLS["QNLI"]: zip_bytes(files)})
     download_task(get_task("qnli"), tmp_path / "QNLI")
+    assert asked == ["https://dl.fbaipublicfiles.com/glue/data/QNLIv2.zip"]
     assert read_split(get_task("qnli"), tmp_path / "QNLI", "train") == [Example("Who?", "Him.", 0)]
     assert os.listdir(tmp_path) == ["QNLI"]
 
 
 def test_download_failure_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
     serve(monkeypatch, {})
-    with pytest.raises(DeeBertError) as error:
-        download_task(get_task("rte"), tmp_path / "RTE")
-    message = assert_one_line(error)
+    message = error_message(download_task, get_task("rte"), tmp_path / "RTE")
     assert message.startswith("could not download RTE from https://dl.fbaipublicfiles.com/glue/data/RTE.zip")
     assert "(no network)" in message
     assert "--data_dir" in message and "GLUE_DIR" in message
@@ -473,23 +441,17 @@ def test_download_cut_off_halfway_leaves_nothing(tmp_path, monkeypatch):
             raise ConnectionResetError("connection reset by peer")
 
     monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: CutOff())
-    with pytest.raises(DeeBertError) as error:
-        download_task(get_task("rte"), tmp_path / "RTE")
-    assert "connection reset by peer" in assert_one_line(error)
+    assert "connection reset by peer" in error_message(download_task, get_task("rte"), tmp_path / "RTE")
     assert os.listdir(tmp_path) == []
 
 
-def test_download_of_a_broken_zip(tmp_path, monkeypatch):
-    serve(monkeypatch, {glue.ZIP_URLS["RTE"]: b"<html>not a zip</html>"})
-    with pytest.raises(DeeBertError) as error:
-        download_task(get_task("rte"), tmp_path / "RTE")
-    assert "not a zip file" in assert_one_line(error)
-    incomplete = zip_bytes({"RTE/train.tsv": RTE_ZIP["RTE/train.tsv"]})  # no dev.tsv
-    serve(monkeypatch, {glue.ZIP_URLS["RTE"]: incomplete})
-    with pytest.raises(DeeBertError) as error:
-        download_task(get_task("rte"), tmp_path / "RTE")
-    assert "dev.tsv" in assert_one_line(error)
-    assert os.listdir(tmp_path) == []
+def test_download_of_a_bad_zip(tmp_path, monkeypatch):
+    assert "not a zip file" in download_error(tmp_path, monkeypatch, b"<html>not a zip</html>")
+    assert "dev.tsv" in download_error(tmp_path, monkeypatch, {"RTE/train.tsv": RTE_ZIP["RTE/train.tsv"]})
+    for unsafe in ("RTE/../escaped.tsv", "/absolute.tsv"):
+        message = download_error(tmp_path, monkeypatch, {**RTE_ZIP, unsafe: "x"})
+        assert f"unsafe path in zip: {unsafe}" in message
+    assert not (tmp_path.parent / "escaped.tsv").exists()
 
 
 BOM_HEADER = "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
@@ -521,6 +483,6 @@ def test_build_mrpc_rejects_a_malformed_line(tmp_path):
     write_tsv(tmp_path, "train.txt", [BOM_HEADER.rstrip("\n"), "1\t11\t12\tonly one string"])
     write_tsv(tmp_path, "test.txt", [BOM_HEADER.rstrip("\n")])
     write_tsv(tmp_path, "dev_ids.tsv", ["11\t12"])
-    with pytest.raises(DeeBertError) as error:
-        build_mrpc(tmp_path / "train.txt", tmp_path / "test.txt", tmp_path / "dev_ids.tsv", tmp_path / "MRPC")
-    assert "train.txt line 2: expected 5 tab-separated columns" in assert_one_line(error)
+    message = error_message(build_mrpc, tmp_path / "train.txt", tmp_path / "test.txt", tmp_path / "dev_ids.tsv",
+                            tmp_path / "MRPC")
+    assert "train.txt line 2: expected 5 tab-separated columns" in message

@@ -16,9 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_deebert, write_tiny_checkpoint
-from deebert.checkpoint import save_checkpoint
-from deebert.tokenizer import Tokenizer
+from conftest import fine_tuned, write_glue, write_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SHORT = ["--max_length", "32"]  # the tiny model has 64 positions, fewer than the default 128
@@ -33,13 +31,6 @@ def load_infer():
 
 
 infer = load_infer()
-
-
-def fine_tuned(directory: Path, task: str, labels: tuple) -> Path:
-    """A tiny 'fine-tuned' checkpoint: random off-ramps, saved as train.py saves (config.task set)."""
-    model = tiny_deebert(directory / "pretrained", labels=labels)
-    model.config.task = task
-    return save_checkpoint(model, Tokenizer.from_dir(directory / "pretrained"), directory / task)
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +53,12 @@ def run(argv, capsys) -> tuple:
     return code, out, err
 
 
-def run_process(argv, cwd, stdin=None) -> subprocess.CompletedProcess:
-    """python infer.py ... as a user runs it."""
+def run_process(argv, cwd, stdin=None, stdin_bytes=None) -> subprocess.CompletedProcess:
+    """python infer.py ... as a user runs it (stdin as text, or as raw bytes)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, str(ROOT / "infer.py"), *map(str, argv)], cwd=cwd, input=stdin,
-                          capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run([sys.executable, str(ROOT / "infer.py"), *map(str, argv)], cwd=cwd,
+                          input=stdin if stdin_bytes is None else stdin_bytes, capture_output=True,
+                          text=stdin_bytes is None, env=env, timeout=120)
 
 
 def assert_one_line_error(code, err, *fragments) -> None:
@@ -95,7 +87,7 @@ def test_one_pair(checkpoints, capsys):
     code, out, _ = run(["a man eats food", "a man eats", "--S", "0.4", "--model", checkpoints["rte"], *SHORT], capsys)
     assert code == 0
     label = next(line for line in out.splitlines() if line.startswith("label: "))
-    assert label.split()[1] in ("entailment", "not_entailment")
+    assert label.split()[1] in ("entailment", "not_entailment")  # the answer by name, not a class id
 
 
 def test_default_S_is_zero_and_says_so(checkpoints, capsys):
@@ -178,6 +170,7 @@ def test_bad_input_as_a_user_sees_it(checkpoints, tmp_path):
     (["a", "--model", "{plain}"], ["has no off-ramps; fine-tune it first"]),
     (["a", "--S", "-1", "--model", "{sst-2}"], ["--S", "-1", ">= 0"]),
     (["a", "--S", "abc", "--model", "{sst-2}"], ["--S", "'abc' is not a number"]),
+    (["a", "--S", "auto", "0.1", "--model", "{sst-2}"], ["one --S"]),
     (["a", "--S", "nan", "--model", "{sst-2}"], ["--S", ">= 0"]),
     (["a", "--S", "0.1", "0.2", "--model", "{sst-2}"], ["one --S"]),
     (["premise", "hypothesis", "--model", "{sst-2}"], ["sst-2 classifies single texts; got 2"]),
@@ -185,9 +178,9 @@ def test_bad_input_as_a_user_sees_it(checkpoints, tmp_path):
     (["a", "b", "", "--model", "{rte}"], ["got 3"]),
     (["premise", "", "--model", "{rte}"], ["text 2 of the pair is empty"]),
     (["--model", "{sst-2}"], ["nothing to do"]),
-    (["a", "--model", "{sst-2}", "--max_length", "1000"], ["--max_length 1000", "max_position_embeddings"]),
+    (["a", "--model", "{sst-2}", "--max_length", "1000"], ["--max_length 1000 must lie in 8..64"]),
     (["a", "--model", "{sst-2}", "--task", "rte"], ["fine-tuned on sst-2, not rte"]),
-    (["a", "--model", "{sst-2}", "--batch_size", "0"], ["--batch_size", "at least 1"]),
+    (["a", "--model", "{sst-2}", "--batch_size", "0"], ["--batch_size", "must be a number >= 1"]),
     (["--model", "{sst-2}", "--file", "{missing}"], ["--file", "not found"]),
     (["a", "--model", "{sst-2}", "--file", "{missing}"], ["texts on the command line or --file, not both"]),
     (["--eval", "a", "--model", "{sst-2}"], ["--eval reads the dev set"]),
@@ -214,9 +207,18 @@ def test_a_malformed_file_line_names_its_line(checkpoints, tmp_path, capsys, con
     assert_one_line_error(code, err, str(path), *fragments)
 
 
+def test_bytes_that_are_not_utf8_name_their_line(checkpoints, tmp_path, capsys):
+    path = tmp_path / "inputs.txt"
+    path.write_bytes(b"a good movie\nbad \xff\xfe bytes\n")
+    code, _, err = run(["--file", path, "--model", checkpoints["sst-2"], *SHORT], capsys)
+    assert_one_line_error(code, err, "line 2 is not UTF-8 text")
+    done = run_process(["--file", "-", "--model", checkpoints["sst-2"], *SHORT], tmp_path, None, stdin_bytes=b"\xc3(\n")
+    assert_one_line_error(done.returncode, done.stderr.decode(), "standard input line 1 is not UTF-8 text")
+
+
 def test_a_malformed_stdin_line_names_its_line(checkpoints, capsys, monkeypatch):
     import io
-    monkeypatch.setattr(sys, "stdin", io.StringIO("fine\ttoo\nnot fine\n"))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"fine\ttoo\nnot fine\n")))
     code, _, err = run(["--file", "-", "--model", checkpoints["rte"], *SHORT], capsys)
     assert_one_line_error(code, err, "standard input line 2")
 
@@ -245,40 +247,55 @@ def test_the_default_checkpoint_is_under_runs(checkpoints, tmp_path, capsys, mon
 # --eval on a tiny GLUE folder
 
 
-def write_sst2_dev(folder: Path, count: int = 24) -> Path:
-    words = "the cat sat on a mat dog is good bad movie not very man woman eats food runs".split()
-    generator = torch.Generator().manual_seed(1)
-    lines = ["sentence\tlabel"]
-    for k in range(count):
-        length = int(torch.randint(1, 15, (1,), generator=generator))
-        picks = torch.randint(0, len(words), (length,), generator=generator).tolist()
-        lines.append(" ".join(words[i] for i in picks) + f"\t{k % 2}")
-    (folder / "SST-2").mkdir(parents=True)
-    (folder / "SST-2" / "dev.tsv").write_text("\n".join(lines) + "\n")
-    return folder / "SST-2"
-
-
 def test_eval_sweeps_times_and_writes_the_csv_and_png(checkpoints, tmp_path, capsys):
-    data_dir = write_sst2_dev(tmp_path / "glue")
+    data_dir = write_glue(tmp_path / "glue") / "SST-2"
     code, out, err = run(["--eval", "--model", checkpoints["sst-2"], "--data_dir", data_dir, "--S", "0", "0.3", "0.5",
-                          "0.8", "--eval_batch_size", "8", "--timing_examples", "6", "--out", tmp_path / "results",
-                          *SHORT], capsys)
+                          "0.8", "--eval_batch_size", "8", "--timing_examples", "6", "--timing_seconds", "1",
+                          "--out", tmp_path / "results", *SHORT], capsys)
     assert code == 0, err
     assert "SST-2 dev: 24 examples" in out
     assert "accuracy  avg exit layer  expected saving" in out
-    assert "wall clock on 6 examples" in out and "torch threads" in out
+    assert "wall clock on 6 examples sorted by length" in out and "threads" in out
     assert "largest S within 1 point of the full model's accuracy: " in out
     lines = (tmp_path / "results" / "tradeoff.csv").read_text().splitlines()
-    assert lines[0].startswith("S,accuracy,avg_exit_layer,expected_saving,drop,seconds_batch1,measured_saving_batch1,"
-                               "seconds_batch8,measured_saving_batch8")
+    assert lines[0].startswith("S,accuracy,avg_exit_layer,expected_saving,exits_per_layer,drop,measured_saving_batch1,"
+                               "spread_batch1,expected_saving_batch1,seconds_batch1,measured_saving_batch8")
     assert [line.split(",")[0] for line in lines[1:]] == ["full", "0.0", "0.3", "0.5", "0.8"]
     assert lines[-1].split(",")[3] == str(1 - 1 / 3)  # S = 0.8 > ln 2: everyone at layer 1
     if importlib.util.find_spec("matplotlib"):
         assert (tmp_path / "results" / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_certify_then_classify_with_S_auto(checkpoints, tmp_path, capsys):
+    data_dir = write_glue(tmp_path / "glue", n_dev=64) / "SST-2"
+    model = tmp_path / "model"
+    shutil.copytree(checkpoints["sst-2"], model)
+    code, _, err = run(["a good movie", "--S", "auto", "--model", model, *SHORT], capsys)
+    assert_one_line_error(code, err, "was never calibrated", "--max_disagree")
+    base = ["--eval", "--model", model, "--data_dir", data_dir, "--no_timing", *SHORT]
+    code, _, err = run(base + ["--max_disagree", "0.01"], capsys)  # 32 examples cannot certify 1%
+    assert_one_line_error(code, err, "32 calibration examples cannot certify", "needs at least 230 examples")
+    code, out, err = run(base + ["--max_disagree", "0.1", "--delta", "0.1"], capsys)
+    assert code == 0, err
+    assert "certified on a random half of SST-2 dev (32 examples)" in out and "it did not see" in out
+    certified = json.loads((model / "results.json").read_text())["calibration"]
+    assert certified["epsilon"] == 0.1 and certified["examples"] == 32
+    code, out, err = run(["a good movie", "--S", "auto", "--model", model, *SHORT], capsys)
+    assert code == 0 and f"S = {certified['S']:g} (calibrated)" in out
+    texts = tmp_path / "unlabelled.txt"
+    texts.write_text("".join(f"{w} movie\n" for w in ["good", "bad", "very good", "not bad", "the"] * 8))
+    code, out, err = run(base + ["--max_disagree", "0.1", "--calibration_file", texts], capsys)
+    assert code == 0 and "certified on 40 unlabelled texts" in out, err
+
+
+@pytest.mark.parametrize("flag, value", [("--max_disagree", "0"), ("--max_disagree", "1.5"), ("--delta", "1")])
+def test_epsilon_and_delta_outside_0_1_are_refused(checkpoints, capsys, flag, value):
+    code, _, err = run(["--eval", "--model", checkpoints["sst-2"], flag, value, *SHORT], capsys)
+    assert_one_line_error(code, err, flag, "strictly between 0 and 1")
+
+
 def test_eval_without_timing_uses_the_papers_thresholds(checkpoints, tmp_path, capsys):
-    data_dir = write_sst2_dev(tmp_path / "glue")
+    data_dir = write_glue(tmp_path / "glue") / "SST-2"
     code, out, err = run(["--eval", "--model", checkpoints["sst-2"], "--data_dir", data_dir, "--no_timing",
                           "--max_eval_examples", "10", "--out", tmp_path, *SHORT], capsys)
     assert code == 0, err
@@ -304,9 +321,6 @@ def test_help_shows_every_option_with_its_default(capsys):
             assert "default" in (action.help or ""), action.option_strings[0]
 
 
-def test_threshold_type_refuses_nan_and_negatives():
-    import argparse
-    assert infer.threshold("0.4") == 0.4 and infer.threshold("inf") == math.inf
-    for text in ("-1", "nan", "abc", ""):
-        with pytest.raises(argparse.ArgumentTypeError):
-            infer.threshold(text)
+def test_S_type_refuses_nan_and_negatives_and_takes_auto():
+    parser = infer.build_parser()
+    assert parser.parse_args(["--S", "0.4", "inf", "auto"]).S == [0.4, math.inf, "auto"]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,21 +16,9 @@ from deebert.errors import DeeBertError
 from deebert.glue import Example, get_task, read_split
 from deebert.stages import stage1_parameters, stage2_parameters
 from deebert.tokenizer import Tokenizer, batches
+from conftest import write_glue
 
 ROOT = Path(__file__).resolve().parents[1]
-GOOD = ["good", "very good", "good movie", "a good cat", "the dog is good", "good good"]
-BAD = ["bad", "not bad movie", "bad dog", "the cat is bad", "a bad mat", "very bad"]
-
-
-def write_sst2_like(folder: Path, n_train=96, n_dev=24):
-    """A separable task in SST-2's format: label 1 when the sentence says 'good'."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", n_train), ("dev", n_dev)):
-        rows = [f"{(GOOD if i % 2 else BAD)[i % 6]} {['', 'the mat', 'on the mat', 'sat'][i % 4]}\t{i % 2}" for i in range(n)]
-        (folder / f"{split}.tsv").write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
-    return folder
-
-
 def tiny_args(tiny_checkpoint, data_dir, output_dir, *extra):
     return ["--task", "sst-2", "--model", str(tiny_checkpoint), "--data_dir", str(data_dir),
             "--output_dir", str(output_dir), "--batch_size", "8", "--learning_rate", "3e-3",
@@ -38,7 +27,7 @@ def tiny_args(tiny_checkpoint, data_dir, output_dir, *extra):
 
 
 def test_a_tiny_model_learns_a_separable_task_through_both_stages(tiny_checkpoint, tmp_path, capsys):
-    data = write_sst2_like(tmp_path / "SST-2")
+    data = write_glue(tmp_path / "glue") / "SST-2"
     model, results = train.main(tiny_args(tiny_checkpoint, data, tmp_path / "out"))
     accuracy = [layer["accuracy"] for layer in results["stage2"]["dev_per_layer"]]
     assert accuracy[-1] == 1.0 and min(accuracy) >= 0.9, accuracy  # every off-ramp learned it
@@ -48,7 +37,7 @@ def test_a_tiny_model_learns_a_separable_task_through_both_stages(tiny_checkpoin
     for name in ("config.json", "model.safetensors", "tokenizer.json", "vocab.txt", "training_args.json", "results.json"):
         assert (saved / name).is_file(), name
     config = json.loads((saved / "config.json").read_text())
-    assert config["task"] == "sst-2" and config["labels"] == ["0", "1"]
+    assert config["task"] == "sst-2" and config["labels"] == ["negative", "positive"]
     # the saved checkpoint gives the trained model's logits
     again = load_deebert(saved).eval()
     batch = Tokenizer.from_dir(saved).encode(["good movie", "bad dog"])
@@ -58,10 +47,10 @@ def test_a_tiny_model_learns_a_separable_task_through_both_stages(tiny_checkpoin
 
 
 def stage_setup(tiny_checkpoint, tmp_path):
-    data = write_sst2_like(tmp_path / "SST-2")
+    data = write_glue(tmp_path / "glue") / "SST-2"
     args = train.parse_args(tiny_args(tiny_checkpoint, data, tmp_path / "out"))
     torch.manual_seed(0)
-    model = load_deebert(tiny_checkpoint, labels=["0", "1"])
+    model = load_deebert(tiny_checkpoint, labels=["negative", "positive"])
     run = train.Run(args)
     run.tokenizer = Tokenizer.from_dir(tiny_checkpoint, max_length=16)
     examples = read_split(get_task("sst-2"), data, "train")
@@ -87,11 +76,25 @@ def test_stage_1_moves_only_the_backbone_and_the_last_off_ramp(tiny_checkpoint, 
     backbone_before = [p.clone() for p in stage1_parameters(model)]
     train.train_stage(1, model, examples, args, run)
     assert all(torch.equal(a, b) for a, b in zip(ramps_before, stage2_parameters(model)))
-    assert all(not torch.equal(a, b) for a, b in zip(backbone_before[-4:], stage1_parameters(model)[-4:]))
+    moved = [not torch.equal(a, b) for a, b in zip(backbone_before, stage1_parameters(model))]
+    assert len(moved) == len(list(model.encoder.parameters())) + 4 and all(moved)  # every layer, the embeddings, f_n
+
+
+def test_joint_training_moves_everything_in_one_stage(tiny_checkpoint, tmp_path, capsys):
+    """--joint, not the paper's method: one stage, every parameter trained on the sum of all off-ramp losses."""
+    data = write_glue(tmp_path / "glue") / "SST-2"
+    before = load_deebert(tiny_checkpoint, labels=["negative", "positive"]).state_dict()
+    model, results = train.main(tiny_args(tiny_checkpoint, data, tmp_path / "out", "--joint", "--epochs", "1"))
+    assert list(results) == ["stagejoint"] and "stage joint done" in capsys.readouterr().out
+    after = model.state_dict()
+    encoder = [k for k in after if k.startswith("encoder.layers.")]
+    assert all(not torch.equal(before[k], after[k]) for k in encoder if k in before)
+    assert all(not torch.equal(before[f"off_ramps.{i}.classifier.weight"], after[f"off_ramps.{i}.classifier.weight"])
+               for i in range(model.num_layers - 1))
 
 
 def test_the_same_seed_gives_the_same_weights(tiny_checkpoint, tmp_path):
-    data = write_sst2_like(tmp_path / "SST-2")
+    data = write_glue(tmp_path / "glue") / "SST-2"
     first, _ = train.main(tiny_args(tiny_checkpoint, data, tmp_path / "a", "--epochs", "1", "--stage2_epochs", "1"))
     second, _ = train.main(tiny_args(tiny_checkpoint, data, tmp_path / "b", "--epochs", "1", "--stage2_epochs", "1"))
     third, _ = train.main(tiny_args(tiny_checkpoint, data, tmp_path / "c", "--epochs", "1", "--stage2_epochs", "1", "--seed", "7"))
@@ -106,7 +109,7 @@ def test_linear_schedule_warms_up_then_decays_to_zero():
 
 
 def test_two_processes_with_ddp_hold_identical_weights(tiny_checkpoint, tmp_path):
-    data = write_sst2_like(tmp_path / "SST-2", n_train=64, n_dev=8)
+    data = write_glue(tmp_path / "glue", n_train=64, n_dev=8) / "SST-2"
     weights = tmp_path / "weights"
     weights.mkdir()
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -123,34 +126,69 @@ def test_two_processes_with_ddp_hold_identical_weights(tiny_checkpoint, tmp_path
 
 
 @pytest.mark.parametrize("change, needle", [
-    ({"--task": "wnli"}, "unknown GLUE task .wnli.; choose one of: sst-2"),
-    ({"--batch_size": "0"}, "--batch_size must be at least 1"),
-    ({"--max_length": "65"}, "exceeds the model's 64 positions"),
-    ({"--learning_rate": "-1"}, "--learning_rate must be a positive number"),
+    ({"--task": "wnli"}, "unknown GLUE task 'wnli'; choose one of: sst-2"),
+    ({"--batch_size": "0"}, "--batch_size 0 is outside [1, inf)"),
+    ({"--max_length": "65"}, "--max_length 65 must lie in 8..64"),
+    ({"--learning_rate": "-1"}, "--learning_rate -1.0 is outside (0, inf)"),
     ({"--data_dir": "MISSING"}, "--data_dir"),
+    ({"--warmup": "1.5"}, "--warmup 1.5 is outside [0, 1]"),
+    ({"--epochs": "0"}, "--epochs 0.0 is outside (0, inf)"),
+    ({"--stage2_epochs": "-1"}, "--stage2_epochs -1.0 is outside (0, inf)"),
+    ({"--max_length": "4"}, "--max_length 4 must lie in 8..64"),
+    ({"--batch_size": "1", "--device": "cuda:x"}, "--device cuda:x is not one of auto, cpu, cuda, cuda:N"),
+    ({"--batch_size": "1", "--device": "cudafoo"}, "--device cudafoo is not one of"),
+    ({"--batch_size": "1", "--device": "cuda:7"}, "asked for GPU 7, but torch sees 0 GPU(s)"),
 ])
 def test_bad_arguments_fail_before_training(tiny_checkpoint, tmp_path, change, needle):
-    data = write_sst2_like(tmp_path / "SST-2")
+    data = write_glue(tmp_path / "glue") / "SST-2"
     argv = tiny_args(tiny_checkpoint, data, tmp_path / "out")
     for flag, value in change.items():
+        if flag not in argv:
+            argv += [flag, value]
         argv[argv.index(flag) + 1] = value if value != "MISSING" else str(tmp_path / "nowhere")
-    with pytest.raises(DeeBertError, match=needle):
+    with pytest.raises(DeeBertError, match=re.escape(needle)):
         train.main(argv)
     assert not (tmp_path / "out").exists()
 
 
 def test_an_empty_split_and_a_bad_label(tiny_checkpoint, tmp_path):
-    data = write_sst2_like(tmp_path / "SST-2")
+    data = write_glue(tmp_path / "glue") / "SST-2"
     (data / "train.tsv").write_text("sentence\tlabel\n")
-    with pytest.raises(DeeBertError, match="no examples|empty"):
+    with pytest.raises(DeeBertError, match="has no data rows"):
         train.main(tiny_args(tiny_checkpoint, data, tmp_path / "out"))
     (data / "train.tsv").write_text("sentence\tlabel\ngood\t1\nbad\t7\n")
     with pytest.raises(DeeBertError, match="line 3"):
         train.main(tiny_args(tiny_checkpoint, data, tmp_path / "out"))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_16_bit_checkpoint_loads_and_trains_in_float32(tmp_path, dtype):
+    """Many hub checkpoints are stored in fp16: the model must still be float32 throughout (master weights)."""
+    from conftest import write_tiny_checkpoint
+    half = write_tiny_checkpoint(tmp_path / "half", dtype=dtype)
+    full = write_tiny_checkpoint(tmp_path / "full")
+    model = load_deebert(half, labels=["negative", "positive"])
+    reference = load_deebert(full, labels=["negative", "positive"])
+    assert {p.dtype for p in model.parameters()} == {p.dtype for p in reference.parameters()} == {torch.float32}
+    data = write_glue(tmp_path / "glue", n_train=16, n_dev=8) / "SST-2"
+    _, results = train.main(tiny_args(half, data, tmp_path / "out", "--epochs", "0.5", "--stage2_epochs", "0.5"))
+    assert results["stage1"]["steps"] == 1 and results["stage2"]["steps"] == 1
+
+
+def test_torchrun_with_cuda_but_no_gpu_ends_in_one_error_line(tiny_checkpoint, tmp_path):
+    """Every process refuses what one process refuses; only rank 0 says so."""
+    data = write_glue(tmp_path / "glue", n_train=16, n_dev=8) / "SST-2"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+               *tiny_args(tiny_checkpoint, data, tmp_path / "out", "--device", "cuda")]
+    done = subprocess.run(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=240)
+    errors = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("error: ")]
+    assert done.returncode != 0 and "stage 1" not in done.stdout
+    assert errors == ["error: --device cuda asked for GPU 0, but torch sees 0 GPU(s); use --device cpu or auto"]
+
+
 def test_errors_print_one_line_and_never_overwrite(tiny_checkpoint, tmp_path):
-    data = write_sst2_like(tmp_path / "SST-2")
+    data = write_glue(tmp_path / "glue") / "SST-2"
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
