@@ -1,18 +1,14 @@
-"""DeeBERT at inference: classify texts with early exit, or measure the speed/quality trade-off on a dev set.
+"""DeeBERT at inference (paper section 3.2): classify texts with early exit, or measure the trade-off (section 4).
 
-Follows the paper's section 3.2 (stop at the first off-ramp whose entropy is below S) and section 4 (the
-trade-off: quality and saving for each S). A thin script over the package: deebert.exit holds the loop,
-deebert.tradeoff the measurements; nothing in deebert/ imports this file.
+    python infer.py "a gripping, beautifully acted film" --S 0.4      one text (an SST-2 checkpoint)
+    python infer.py "A man is eating." "Someone eats." --S 0.4        one pair (RTE, MNLI, ...)
+    python infer.py --file inputs.txt --json --S 0.4                  one input per line, a tab inside a pair
+    python infer.py --task rte --eval                                 the dev-set sweep over the paper's S, timed
+    python infer.py --task sst-2 --eval --max_disagree 0.05           certify an S; then classify with --S auto
 
-    python infer.py "a gripping, beautifully acted film" --S 0.4           one text (SST-2 checkpoint)
-    python infer.py "A man is eating." "Someone eats." --S 0.4             one pair (RTE, MNLI, ...)
-    python infer.py --file inputs.txt --json --S 0.4                       one input per line, tab inside a pair
-    python infer.py --task rte --eval                                      the dev-set sweep over the paper's S
-    python infer.py --task sst-2 --eval --max_disagree 0.05                also certify an S, then use it: --S auto
-
-The checkpoint is `--model`, else runs/<task> for `--task`, else the newest runs/* with a config.json:
-where train.py saves. S defaults to 0 for texts: no early exit, exactly the fine-tuned BERT, so nobody
-gets a faster, less accurate model without asking for it; the output says so.
+The checkpoint is --model, else runs/<task> for --task, else the newest runs/*: where train.py saves. S
+defaults to 0 for texts: no early exit, exactly the fine-tuned BERT, unless you ask; the output says so.
+A thin script over the package (deebert.exit holds the loop, deebert.tradeoff the measurements).
 """
 
 import argparse
@@ -29,39 +25,34 @@ from deebert.device import DTYPES, pick_device, pick_dtype
 from deebert.errors import DeeBertError
 from deebert.exit import check_threshold, exit_many, full_pass
 from deebert.files import write_atomically
-from deebert.glue import Example, find_data_dir, get_task, read_split
+from deebert.glue import Example, find_data_dir, get_task, per_layer_metrics, read_split
 from deebert.tokenizer import Tokenizer, batches, by_length, check_max_length
-from deebert.tradeoff import (PAPER_THRESHOLDS, certify_S, choose_S, disagreement, measure_wall_clock,
-                              per_layer_metrics, plot, sweep, within_noise, write_csv)
+from deebert.tradeoff import PAPER_THRESHOLDS, certify_S, choose_S, disagreement, measure_wall_clock, sweep, write_csv
+from figures import plot
 
 RUNS_DIR = Path("runs")  # where train.py saves, as runs/<task>
 
 # ----------------------------------------------------------------------------------------------------
-# Command line: argparse types built on the package's own checks
+# Command line
 
 
-def checked(check):
-    """An argparse type from a check that raises DeeBertError or ValueError: its message becomes argparse's."""
+def threshold(text):
+    """argparse type of --S: "auto", or a number that the package's one check of S accepts."""
+    try:
+        return text if text == "auto" else check_threshold(text)
+    except DeeBertError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def number(kind=float, low=0.0, high=math.inf, open_ends=False):
+    """argparse type: a `kind` number in [low, high] ((low, high) with open_ends); NaN is refused too."""
     def parse(text):
-        try:
-            return check(text)
-        except (DeeBertError, ValueError) as err:
-            raise argparse.ArgumentTypeError(str(err)) from None
+        value = kind(text)  # argparse turns a ValueError into "invalid float value: 'abc'"
+        if not (low < value < high if open_ends else low <= value <= high):
+            raise argparse.ArgumentTypeError(f"{text} must lie in {'(' if open_ends else '['}{low:g}, {high:g}{')' if open_ends else ']'}")
+        return value
+    parse.__name__ = kind.__name__
     return parse
-
-
-def at_least(low):
-    def check(text):
-        if not float(text) >= low:  # float() raises ValueError for "abc"; NaN fails the comparison
-            raise ValueError(f"{text} must be a number >= {low}")
-        return type(low)(text)
-    return check
-
-
-def fraction(text) -> float:
-    if not 0 < float(text) < 1:
-        raise ValueError(f"{text} must lie strictly between 0 and 1")
-    return float(text)
 
 
 class Parser(argparse.ArgumentParser):
@@ -76,30 +67,30 @@ def build_parser() -> Parser:
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
     add("texts", nargs="*", help="one text, or the two texts of a pair (premise, hypothesis)")
-    add("--S", type=checked(lambda t: t if t == "auto" else check_threshold(t)), nargs="+", default=None,
+    add("--S", type=threshold, nargs="+", default=None,
         help="entropy threshold(s), or auto: the S that --eval --max_disagree certified (default: 0, no early exit, "
              f"for texts; the paper's {' '.join(map(str, PAPER_THRESHOLDS))} for --eval)")
     add("--model", help="fine-tuned checkpoint directory (default: runs/<task> with --task, else the newest runs/*)")
     add("--task", help="GLUE task (sst-2, rte, ...): picks runs/<task>; must match the checkpoint's (default: the checkpoint's)")
     add("--file", help="inputs from PATH, one per line, a tab between the texts of a pair; - reads stdin (default: none)")
-    add("--batch_size", type=checked(at_least(1)), default=32, help="inputs per batch with --file, sorted by length (default: %(default)s)")
+    add("--batch_size", type=number(int, 1), default=32, help="inputs per batch with --file, sorted by length (default: %(default)s)")
     add("--json", action="store_true", help="print one JSON object per input (default: off)")
-    add("--max_length", type=checked(at_least(1)), default=128, help="longer inputs are truncated, and the output says so (default: %(default)s)")
+    add("--max_length", type=number(int, 1), default=128, help="longer inputs are truncated, and the output says so (default: %(default)s)")
     add("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     add("--dtype", default="fp32", choices=list(DTYPES), help="bf16 and fp16 need a GPU (default: %(default)s)")
-    add("--threads", type=checked(at_least(1)), help="CPU threads for torch; the README says which is steadiest (default: torch's choice)")
+    add("--threads", type=number(int, 1), help="CPU threads for torch; the README says which is steadiest (default: torch's choice)")
     e = p.add_argument_group("evaluation (--eval): the dev-set trade-off of paper section 4").add_argument
     e("--eval", action="store_true", help="sweep S on the task's dev set instead of classifying texts (default: off)")
     e("--data_dir", help="the task's GLUE folder (default: $GLUE_DIR/<TASK>, then the download cache)")
     e("--split", default="dev", help="dev, or MNLI's dev_mismatched (default: %(default)s)")
-    e("--max_eval_examples", type=checked(at_least(1)), help="only the first N dev examples (default: all)")
-    e("--eval_batch_size", type=checked(at_least(1)), default=32, help="batch size of the full pass and of the batched timing (default: %(default)s)")
+    e("--max_eval_examples", type=number(int, 1), help="only the first N dev examples (default: all)")
+    e("--eval_batch_size", type=number(int, 1), default=32, help="batch size of the full pass and of the batched timing (default: %(default)s)")
     e("--no_timing", action="store_true", help="skip the wall-clock measurement (default: off)")
-    e("--timing_examples", type=checked(at_least(1)), default=100, help="time on the first N dev examples (default: %(default)s)")
-    e("--timing_seconds", type=checked(at_least(1.0)), default=30.0, help="time budget per batch size; rounds stop earlier once steady (default: %(default)s)")
-    e("--max_drop", type=checked(at_least(0.0)), default=1.0, help="report the largest S within this many points of the full model (default: %(default)s)")
-    e("--max_disagree", type=checked(fraction), help="certify the largest S whose answers differ from the full model's on at most this fraction (default: off)")
-    e("--delta", type=checked(fraction), default=0.1, help="the certificate may fail with at most this probability (default: %(default)s)")
+    e("--timing_examples", type=number(int, 1), default=100, help="time on the first N dev examples (default: %(default)s)")
+    e("--timing_seconds", type=number(float, 1), default=30.0, help="time budget per batch size; rounds stop earlier once steady (default: %(default)s)")
+    e("--max_drop", type=number(float, 0), default=1.0, help="report the largest S within this many points of the full model (default: %(default)s)")
+    e("--max_disagree", type=number(float, 0, 1, open_ends=True), help="certify the largest S whose answers differ from the full model's on at most this fraction (default: off)")
+    e("--delta", type=number(float, 0, 1, open_ends=True), default=0.1, help="the certificate may fail with at most this probability (default: %(default)s)")
     e("--calibration_file", help="calibrate on these texts (one per line, no labels) instead of half the dev set (default: none)")
     e("--out", help="folder for tradeoff.csv and tradeoff.png (default: the checkpoint directory)")
     return p
@@ -195,11 +186,10 @@ def classify(model, tokenizer, examples: list, S: float, batch_size: int) -> lis
     chunks = list(batches(tokenizer, examples, batch_size, by_length(tokenizer, examples)))
     for batch, out in zip(chunks, exit_many(model, chunks, S)):
         for k, index in enumerate(batch["index"].tolist()):
-            probabilities = out.probabilities[k].tolist()
-            best = max(range(len(probabilities)), key=probabilities.__getitem__)
-            results[index] = {"label": model.config.labels[best], "probability": probabilities[best],
+            probability, best = out.probabilities[k].max(dim=-1)
+            results[index] = {"label": model.config.labels[best], "probability": round(float(probability), 6),
                               "exit_layer": int(out.exit_layers[k]), "truncated": bool(batch["truncated"][k]),
-                              "entropies": [e for e in out.entropies[k].tolist() if not math.isnan(e)]}
+                              "entropies": [round(e, 6) for e in out.entropies[k].tolist() if not math.isnan(e)]}
     return results
 
 
@@ -219,19 +209,8 @@ def print_line(number: int, example: Example, result: dict, n: int, args) -> Non
 
 
 def print_json(number: int, example: Example, result: dict, n: int, args) -> None:
-    record = {"text": example.text_a, **({"text_b": example.text_b} if example.text_b is not None else {}),
-              "label": result["label"], "probability": round(result["probability"], 6), "exit_layer": result["exit_layer"],
-              "num_layers": n, "entropies": [round(e, 6) for e in result["entropies"]], "truncated": result["truncated"]}
-    print(json.dumps(record, ensure_ascii=False))
-
-
-def calibrated_S(checkpoint: Path) -> float:
-    results = checkpoint / "results.json"
-    calibration = json.loads(results.read_text()).get("calibration") if results.is_file() else None
-    if not calibration:
-        raise DeeBertError(f"--S auto: {checkpoint} was never calibrated; run python infer.py --model {checkpoint} "
-                           "--eval --max_disagree 0.05 first, or give a number")
-    return calibration["S"]
+    texts = {"text": example.text_a, **({"text_b": example.text_b} if example.text_b is not None else {})}
+    print(json.dumps({**texts, **result, "num_layers": n}, ensure_ascii=False))
 
 
 def run_texts(args) -> None:
@@ -240,7 +219,13 @@ def run_texts(args) -> None:
     if args.texts and args.file:
         raise DeeBertError("give texts on the command line or --file, not both")
     model, tokenizer, task, checkpoint = load(args)
-    S = 0.0 if args.S is None else calibrated_S(checkpoint) if args.S[0] == "auto" else args.S[0]
+    S = 0.0 if args.S is None else args.S[0]
+    if S == "auto":
+        results = json.loads((checkpoint / "results.json").read_text()) if (checkpoint / "results.json").is_file() else {}
+        if "calibration" not in results:
+            raise DeeBertError(f"--S auto: {checkpoint} was never calibrated; run python infer.py --model {checkpoint} "
+                               "--eval --max_disagree 0.05 first, or give a number")
+        S = results["calibration"]["S"]
     examples = read_examples(args.file, task) if args.file else [as_example(args.texts, task, "input")]
     C = len(model.config.labels)
     say(args, f"S = {S:g}" + (" (calibrated)" if args.S == ["auto"] else ""))
@@ -271,7 +256,8 @@ def print_timing(timing: list) -> None:
     print(f"{'S':>8}  batch  {'measured saving':>17}  {'expected':>8}  measured/expected  rounds")
     for row in timing[1:]:
         saving = f"{100 * row['measured_saving']:5.1f}% ± {100 * row['spread']:.1f}"
-        ratio = "within noise" if within_noise(row) else "-" if row["ratio"] is None else f"{row['ratio']:.2f}"
+        noise = abs(row["measured_saving"]) <= row["spread"]  # not told apart from no saving at all
+        ratio = "within noise" if noise else "-" if row["ratio"] is None else f"{row['ratio']:.2f}"
         print(f"{row['S']:>8g}  {row['batch_size']:>5}  {saving:>17}  {100 * row['expected_saving']:7.1f}%  {ratio:>17}  {row['rounds']:>6}")
 
 
@@ -338,7 +324,7 @@ def run_eval(args) -> None:
                 row.update({f"{key}_batch{B}": timed[key] for key in ("measured_saving", "spread", "expected_saving", "seconds")})
     out = Path(args.out) if args.out else checkpoint
     print(f"\nwrote {write_csv(rows, out / 'tradeoff.csv')}")
-    png = plot(out / "tradeoff.png", rows, task.main_metric, {"off-ramps": per_layer_metrics(logits, labels, task)}, timing)
+    png = plot(out / "tradeoff.png", rows, task.main_metric, {"off-ramps": per_layer_metrics(task, logits, labels)}, timing)
     print(f"wrote {png}" if png else "tradeoff.png skipped: matplotlib is not installed (pip install matplotlib)")
     best = choose_S(rows, args.max_drop)
     print(f"largest S within {args.max_drop:g} point{'s' * (args.max_drop != 1)} of the full model's {task.main_metric}: "

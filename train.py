@@ -29,7 +29,7 @@ from deebert.config import BertConfig
 from deebert.device import pick_device
 from deebert.errors import DeeBertError
 from deebert.exit import full_pass
-from deebert.glue import TASKS, compute_metrics, find_data_dir, get_task, read_split
+from deebert.glue import TASKS, find_data_dir, get_task, per_layer_metrics, read_split
 from deebert.stages import prepare_stage
 from deebert.tokenizer import Tokenizer, batches, check_max_length
 
@@ -212,8 +212,7 @@ def format_seconds(seconds: float) -> str:
 
 def evaluate_off_ramps(model, examples, task, tokenizer, batch_size) -> list:
     """The dev metric of every off-ramp, as if each were the only exit: one dict per layer."""
-    logits, labels = full_pass(model, batches(tokenizer, examples, batch_size))  # (N, n, C), (N,)
-    return [compute_metrics(task, logits[:, layer].argmax(-1).numpy(), labels.numpy()) for layer in range(logits.shape[1])]
+    return per_layer_metrics(task, *full_pass(model, batches(tokenizer, examples, batch_size)))
 
 
 def per_layer_table(results: list, task, trained_layers: int) -> str:

@@ -1,14 +1,11 @@
-"""A checkpoint's `config.json` as a small dataclass.
+"""A checkpoint's `config.json` (Hugging Face's BERT format) as a small dataclass, in the file's own names.
 
-The field names are the checkpoint's own (Hugging Face's BERT `config.json`), so reading a config is
-`BertConfig(**json)` after dropping the keys we do not use. The defaults are bert-base-uncased.
-DeeBERT adds three fields of its own, which a fine-tuned checkpoint saved by `train.py` carries:
-the task, its label names and the off-ramp pooling.
+Reading a config is `BertConfig(**json)` less the keys we do not use; the defaults are bert-base-uncased's.
+DeeBERT adds three fields, which a checkpoint fine-tuned by `train.py` carries: task, labels, pooling.
 """
 
-import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from deebert.errors import DeeBertError
@@ -30,17 +27,14 @@ class BertConfig:
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
     pad_token_id: int = 0
-    # DeeBERT's own fields: absent from a pretrained checkpoint, written by train.py.
-    task: str | None = None
+    task: str | None = None  # DeeBERT's own fields from here: absent from a pretrained checkpoint
     labels: list = field(default_factory=list)  # label names, in class-id order
     off_ramp_pooling: str = "cls"  # "cls" (the paper) or "mean" (see OffRamp in model.py)
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads != 0:
-            raise DeeBertError(
-                f"config: hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
-                f"{self.num_attention_heads}; fix config.json"
-            )
+            raise DeeBertError(f"config: hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
+                               f"{self.num_attention_heads}; fix config.json")
         if self.hidden_act not in ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu"):
             raise DeeBertError(f"config: hidden_act '{self.hidden_act}' is not supported; use gelu")
 
@@ -57,29 +51,26 @@ class BertConfig:
         missing = [name for name in REQUIRED_FIELDS if name not in values]
         if missing:
             raise DeeBertError(f"{source} is missing the field '{missing[0]}'; it is not a BERT config.json")
-        model_type = values.get("model_type", "bert")
-        if model_type != "bert":
-            raise DeeBertError(f"{source} has model_type '{model_type}'; deebert loads BERT checkpoints only")
-        known = {f.name for f in dataclasses.fields(cls)}
+        if values.get("model_type", "bert") != "bert":
+            raise DeeBertError(f"{source} has model_type '{values['model_type']}'; deebert loads BERT checkpoints only")
+        known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
 
     @classmethod
     def from_file(cls, path) -> "BertConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise DeeBertError(f"{path} not found; pass a checkpoint directory that holds config.json")
         try:
-            values = json.loads(path.read_text(encoding="utf-8"))
+            values = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (FileNotFoundError, IsADirectoryError):
+            raise DeeBertError(f"{path} not found; pass a checkpoint directory that holds config.json") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise DeeBertError(f"{path} is not valid JSON ({err}); re-download or fix the file") from None
         if not isinstance(values, dict):
             raise DeeBertError(f"{path} does not hold a JSON object; it is not a BERT config.json")
-        return cls.from_dict(values, source=str(path))
+        return cls.from_dict(values, str(path))
 
     def to_dict(self) -> dict:
         """The checkpoint's form: BERT's fields plus ours, with the keys transformers needs to load it."""
-        values = dataclasses.asdict(self)
-        values.update(model_type="bert", architectures=["BertModel"])
+        values = {**asdict(self), "model_type": "bert", "architectures": ["BertModel"]}
         if self.labels:  # transformers reads these names for a classifier head
             values["id2label"] = {str(i): name for i, name in enumerate(self.labels)}
             values["label2id"] = {name: i for i, name in enumerate(self.labels)}

@@ -1,8 +1,7 @@
-"""The one exception type this project raises for bad input.
+"""The one exception type this project raises for bad input (a file, a flag, a checkpoint).
 
-Every check on user input (a file, a flag, a checkpoint) raises `DeeBertError` with a one-line
-message that names the problem and the fix. The scripts (`train.py`, `infer.py`) catch it and
-print `error: <message>` instead of a traceback; anything else is a bug and keeps its traceback.
+Its message is one line that names the problem and the fix; `train.py` and `infer.py` print it as
+`error: <message>` instead of a traceback. Anything else is a bug and keeps its traceback.
 """
 
 

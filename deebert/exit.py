@@ -12,10 +12,9 @@ of its softmax is below the threshold S, the answer is taken there and the layer
     return z, n
 
 `early_exit` is that loop, line for line, for one input. `early_exit_batch` takes the same decision for
-every example of a batch: the examples that exit leave the batch, the others go on to the next layer
-(the existing implementations cannot do this; their `if entropy < S` fails on a batch of more than one).
-`full_pass` runs every layer and off-ramp once; `exit_layers_from_entropies` and `expected_saving` then read
-off where each example would have exited for any S, and what that saves (the sweep of `tradeoff.py`).
+every example of a batch: those that exit leave the batch, the others go on (the authors' `if entropy < S`
+fails on a batch of more than one). `full_pass` runs every layer and off-ramp once; `exit_layers_from_entropies`
+and `expected_saving` then read off where each example would exit for any S, and what that saves.
 
 S = 0 never exits early (an entropy is never below 0): the full model. S > ln C always exits at layer 1
 (an entropy over C classes is at most ln C). A negative S is refused, not silently "disabled".
@@ -62,12 +61,8 @@ def check_threshold(S) -> float:
 
 @contextmanager
 def evaluating(model):
-    """Dropout off inside the block; afterwards every module is back in the mode it was in.
-
-    The exit functions use this instead of asking the caller for model.eval(): a forgotten eval() would
-    leave dropout on and make every entropy random. Only the modules in training mode are switched (and
-    switched back), so a model whose backbone is in eval mode while its off-ramps train (stage 2) stays so.
-    """
+    """Dropout off inside the block, then every module back in its mode (a forgotten model.eval() would make
+    every entropy random). Only modules in training mode are switched, so stage 2's mixed modes survive."""
     training = [module for module in model.modules() if module.training]
     for module in training:
         module.training = False
@@ -80,10 +75,8 @@ def evaluating(model):
 
 def model_inputs(model, batch: dict) -> tuple:
     """A batch (the tokenizer's dict, or just {"input_ids": ...}) -> (input_ids, token_type_ids, attention_mask),
-    each (B, T) on the model's device; absent ones default to segment A and no padding.
-
-    The attention mask is kept even without padding: mean-pooling off-ramps average over it.
-    """
+    each (B, T) on the model's device; absent ones default to segment A and no padding (kept as a mask of
+    ones: mean-pooling off-ramps average over it)."""
     input_ids = batch["input_ids"]
     if input_ids.dim() != 2:
         raise DeeBertError(f"input_ids must have shape (batch, tokens), got {tuple(input_ids.shape)}; add a batch dim")
@@ -160,10 +153,6 @@ class BatchExitResult:
     @property
     def probabilities(self) -> torch.Tensor:
         return self.logits.float().softmax(dim=-1)  # (B, C)
-
-    @property
-    def labels(self) -> torch.Tensor:
-        return self.logits.argmax(dim=-1)  # (B,)
 
 
 @torch.inference_mode()
@@ -290,9 +279,7 @@ def expected_saving(exit_layers, num_layers: int) -> float:
     (The authors' script printed the *used* fraction, 9 / 12 here, under this name.)
     """
     exit_layers = torch.as_tensor(exit_layers)
-    if exit_layers.numel() == 0:
-        raise DeeBertError("expected_saving got no exit layers; pass at least one example")
-    if int(exit_layers.min()) < 1 or int(exit_layers.max()) > num_layers:
-        raise DeeBertError(f"exit layers must lie in 1..{num_layers} (1-based); got {exit_layers.tolist()[:5]}...")
+    if exit_layers.numel() == 0 or int(exit_layers.min()) < 1 or int(exit_layers.max()) > num_layers:
+        raise DeeBertError(f"exit layers must be one or more of 1..{num_layers} (1-based); got {exit_layers.tolist()[:5]}")
     used_fraction = float(exit_layers.sum()) / (num_layers * exit_layers.numel())
     return 1.0 - used_fraction

@@ -1,9 +1,7 @@
 """Writing files and folders so that nobody ever sees half of one: the project's one atomic write.
 
-`write_atomically(path, write)` calls `write(temporary)`, where `temporary` is a fresh name beside
-`path` (same folder, so a rename is atomic), then renames it onto `path`. If `write` fails, or the
-process is interrupted, `path` keeps its old content (or stays absent) and the temporary is removed.
-It serves files (safetensors, CSV, PNG, JSON) and folders (a checkpoint, a GLUE download) alike.
+`write_atomically(path, write)` lets `write` make a temporary beside `path` (same folder: a rename is atomic),
+then renames it onto `path`; if `write` fails or is interrupted, `path` stays as it was, the temporary goes.
 """
 
 import os
@@ -19,24 +17,19 @@ def _remove(path: Path) -> None:
 
 
 def write_atomically(path, write) -> Path:
-    """write(temporary) creates a file or a folder at `temporary`; then it replaces `path` in one rename.
-
-    The temporary keeps `path`'s suffix, so writers that go by the name (matplotlib) know the format.
-    A folder that already exists is swapped in two renames: the old one moves aside, the new one in.
-    """
+    """write(temporary) creates a file or a folder; it replaces `path` in one rename (an existing folder: two).
+    The temporary keeps `path`'s suffix, so writers that go by the name (matplotlib) know the format."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
     _remove(temporary)
     try:
         write(temporary)
-        if temporary.is_dir() and path.is_dir():
-            old = path.with_name(f".{path.name}.{os.getpid()}.old")
+        old = path.with_name(f".{path.name}.{os.getpid()}.old")
+        if temporary.is_dir() and path.is_dir():  # a non-empty folder cannot be replaced: move it aside
             os.replace(path, old)  # between the two renames `path` is briefly absent, never half-written
-            os.replace(temporary, path)
-            _remove(old)
-        else:
-            os.replace(temporary, path)
+        os.replace(temporary, path)
+        _remove(old)
     except BaseException:
         _remove(temporary)
         raise

@@ -13,13 +13,11 @@ dev_matched.tsv, dev_mismatched.tsv) and test.tsv. Columns are 0-based; class id
     CoLA   sentence (3)   -              label (1)         0, 1 (unacceptable, acceptable)      mcc
 
 Files are parsed as the GLUE loaders parse them: utf-8-sig (MRPC's header starts with a byte-order mark),
-tabs, and QUOTE_NONE, as some RTE and QNLI fields begin with a bare `"` that a quoting parser would run on
-into the next rows. STS-B is left out: it is regression, and DeeBERT's off-ramps are classifiers.
+tabs, QUOTE_NONE (some RTE and QNLI fields begin with a bare `"`). STS-B, a regression task, is left out.
 """
 
 import csv
 import http.client
-import math
 import os
 import shutil
 import sys
@@ -38,7 +36,6 @@ from deebert.files import write_atomically
 @dataclass(frozen=True)
 class Task:
     """One GLUE classification task: where its columns are, what its labels are, how it is scored."""
-
     name: str  # lower-case key: "rte", "sst-2", ...
     folder: str  # the GLUE folder name: "RTE", "SST-2", ...
     text_columns: tuple  # column of text_a, then of text_b for sentence-pair tasks
@@ -52,10 +49,6 @@ class Task:
     @property
     def is_pair(self) -> bool:
         return len(self.text_columns) == 2
-
-    @property
-    def num_labels(self) -> int:
-        return len(self.labels)
 
     @property
     def main_metric(self) -> str:
@@ -74,16 +67,14 @@ TASKS = {
     "mnli": Task("mnli", "MNLI", (8, 9), -1, MNLI_LABELS, ("accuracy",), True, MNLI_DEV, MNLI_LABELS),
     "cola": Task("cola", "CoLA", (3,), 1, BINARY, ("mcc",), False, DEV, ("unacceptable", "acceptable")),
 }
-ALIASES = {"sst2": "sst-2"}
-REGRESSION_TASKS = ("sts-b", "stsb", "sts")
 WHAT_TO_DO = "pass --data_dir, or set GLUE_DIR to a GLUE root with a {}/ subfolder"
 
 
 def get_task(name: str) -> Task:
     """The task called `name`, in any case: get_task("RTE") is get_task("rte"); "sst2" means "sst-2"."""
     key = name.strip().lower()
-    key = ALIASES.get(key, key)
-    if key in REGRESSION_TASKS:
+    key = {"sst2": "sst-2"}.get(key, key)
+    if key in ("sts-b", "stsb", "sts"):
         raise DeeBertError(f"GLUE task {name!r} is regression (a similarity score), which DeeBERT's classifier "
                            f"off-ramps do not support; choose one of: {', '.join(TASKS)}")
     if key not in TASKS:
@@ -96,30 +87,27 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "deebert" / "glue"
 
 
-def _task_folder(task: Task, path) -> Path:
-    """`path` itself, or its <folder>/ subfolder when `path` is a GLUE root such as glue_data/."""
+def _task_folder(task: Task, path) -> Path:  # `path`, or its <folder>/ when `path` is a GLUE root (glue_data/)
     path = Path(path)
     return path / task.folder if (path / task.folder).is_dir() else path
-
-
-def _has_tsvs(task: Task, folder: Path) -> bool:
-    """Whether `folder` holds this task's train.tsv or one of its dev files."""
-    return any((folder / f"{split}.tsv").is_file() for split in ("train",) + task.dev_splits)
 
 
 def find_data_dir(task: Task, data_dir=None, download: bool = True) -> Path:
     """The folder of `task`'s TSVs: `data_dir` (that folder or a GLUE root), else $GLUE_DIR/<folder>, else
     the cache (~/.cache/deebert/glue/<folder>), which is downloaded into first if empty and `download` is true."""
+    def has_tsvs(folder: Path) -> bool:  # this task's train.tsv or one of its dev files
+        return any((folder / f"{split}.tsv").is_file() for split in ("train",) + task.dev_splits)
+
     if data_dir is not None:
-        if not _has_tsvs(task, _task_folder(task, data_dir)):
+        if not has_tsvs(_task_folder(task, data_dir)):
             raise DeeBertError(f"--data_dir {data_dir} has no {task.folder} train.tsv or {task.dev_splits[0]}.tsv; "
                                f"pass the folder of its TSVs or a GLUE root with a {task.folder}/ subfolder")
         return _task_folder(task, data_dir)
     glue_dir = os.environ.get("GLUE_DIR")
-    if glue_dir and _has_tsvs(task, Path(glue_dir) / task.folder):
+    if glue_dir and has_tsvs(Path(glue_dir) / task.folder):
         return Path(glue_dir) / task.folder
     cached = cache_dir() / task.folder
-    if not _has_tsvs(task, cached):
+    if not has_tsvs(cached):
         if not download:
             raise DeeBertError(f"no GLUE data for {task.folder} (GLUE_DIR={glue_dir or 'unset'}, cache {cached} "
                                f"empty); {WHAT_TO_DO.format(task.folder)}")
@@ -131,7 +119,6 @@ def find_data_dir(task: Task, data_dir=None, download: bool = True) -> Path:
 @dataclass(frozen=True)
 class Example:
     """One labelled example: one text, or a pair, and its class id (an index into task.labels)."""
-
     text_a: str
     text_b: str | None
     label: int
@@ -161,12 +148,11 @@ def read_split(task: Task, data_dir, split: str) -> list[Example]:
     path = _task_folder(task, data_dir) / f"{split}.tsv"
     if not path.is_file():
         raise DeeBertError(f"{task.folder} file not found: {path}; {WHAT_TO_DO.format(task.folder)}")
-    examples = []
     with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        for row in reader:
-            if reader.line_num > 1 or not task.has_header:
-                examples.append(_example(task, row, f"{path} line {reader.line_num}"))
+        if task.has_header:
+            next(reader, None)
+        examples = [_example(task, row, f"{path} line {reader.line_num}") for row in reader]
     if not examples:
         raise DeeBertError(f"{path} has no data rows; expected {task.folder} examples in GLUE TSV format")
     return examples
@@ -176,7 +162,6 @@ def compute_metrics(task: Task, predictions, labels) -> dict[str, float]:
     """The task's GLUE metrics of predicted class ids: accuracy, F1 and Matthews correlation (mcc), class 1 being
     positive. compute_metrics(get_task("mrpc"), [1, 0], [1, 1]) gives {"f1": 2/3, "accuracy": 0.5}."""
     predictions, labels = np.asarray(predictions), np.asarray(labels)
-    assert len(predictions) == len(labels) and len(labels) > 0, "one prediction per example, at least one"
     predicted, actual = predictions == 1, labels == 1
     tp, fp = int(np.sum(predicted & actual)), int(np.sum(predicted & ~actual))
     fn, tn = int(np.sum(~predicted & actual)), int(np.sum(~predicted & ~actual))
@@ -184,16 +169,19 @@ def compute_metrics(task: Task, predictions, labels) -> dict[str, float]:
     every_metric = {  # F1 is the harmonic mean of precision and recall; F1 and MCC are 0 when undefined
         "accuracy": float(np.mean(predictions == labels)),
         "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0,
-        "mcc": (tp * tn - fp * fn) / math.sqrt(mcc_denominator) if mcc_denominator else 0.0,
+        "mcc": (tp * tn - fp * fn) / mcc_denominator**0.5 if mcc_denominator else 0.0,
     }
     return {name: every_metric[name] for name in task.metrics}
 
 
-GLUE_URL = "https://dl.fbaipublicfiles.com/glue/data"
-ZIP_URLS = {  # QQP-clean.zip unpacks to QQP/, QNLIv2.zip to QNLI/
-    "CoLA": f"{GLUE_URL}/CoLA.zip", "SST-2": f"{GLUE_URL}/SST-2.zip", "QQP": f"{GLUE_URL}/QQP-clean.zip",
-    "MNLI": f"{GLUE_URL}/MNLI.zip", "QNLI": f"{GLUE_URL}/QNLIv2.zip", "RTE": f"{GLUE_URL}/RTE.zip",
-}
+def per_layer_metrics(task: Task, all_logits, labels) -> list[dict]:
+    """(N, n, C) logits of every off-ramp -> the task's metrics of each off-ramp as if it were the only exit."""
+    return [compute_metrics(task, all_logits[:, i].argmax(-1), labels) for i in range(all_logits.shape[1])]
+
+
+GLUE_URL = "https://dl.fbaipublicfiles.com/glue/data"  # QQP-clean.zip unpacks to QQP/, QNLIv2.zip to QNLI/
+ZIP_URLS = {"CoLA": f"{GLUE_URL}/CoLA.zip", "SST-2": f"{GLUE_URL}/SST-2.zip", "QQP": f"{GLUE_URL}/QQP-clean.zip",
+            "MNLI": f"{GLUE_URL}/MNLI.zip", "QNLI": f"{GLUE_URL}/QNLIv2.zip", "RTE": f"{GLUE_URL}/RTE.zip"}
 MRPC_URLS = {  # GLUE never hosted MRPC itself; these are the files download_glue_data.py fetches
     "msr_paraphrase_train.txt": "https://dl.fbaipublicfiles.com/senteval/senteval_data/msr_paraphrase_train.txt",
     "msr_paraphrase_test.txt": "https://dl.fbaipublicfiles.com/senteval/senteval_data/msr_paraphrase_test.txt",
@@ -217,7 +205,6 @@ def _unpack(zip_path: Path, top_folder: str, folder: Path) -> None:
 
 def download_task(task: Task, target) -> None:
     """Download `task` into the folder `target`, which appears only once complete (write_atomically)."""
-
     def download_into(folder: Path) -> None:
         folder.mkdir()
         urls = MRPC_URLS if task.folder == "MRPC" else {f"{task.folder}.zip": ZIP_URLS[task.folder]}
@@ -229,9 +216,8 @@ def download_task(task: Task, target) -> None:
                     _unpack(folder / file_name, task.folder, folder)
                     (folder / file_name).unlink()
             except (OSError, http.client.HTTPException, zipfile.BadZipFile, ValueError) as error:
-                # offline, refused, an HTTP error status, cut off halfway, disk full, not a zip, an unsafe zip
-                reason = error.reason if isinstance(error, urllib.error.URLError) else error  # URLError: why
-                reason = " ".join(str(reason).split())  # one line, whatever the reason's text holds
+                # offline, refused, an HTTP error, cut off halfway, disk full, not a zip, an unsafe zip; in one line
+                reason = " ".join(str(error.reason if isinstance(error, urllib.error.URLError) else error).split())
                 raise DeeBertError(f"could not download {task.folder} from {url} ({reason}); "
                                    f"{WHAT_TO_DO.format(task.folder)}") from error
         if task.folder == "MRPC":  # GLUE's MRPC is made from Microsoft's files
@@ -257,20 +243,14 @@ def _read_msr(path) -> tuple:
 def build_mrpc(train_txt, test_txt, dev_ids, target) -> None:
     """Write MRPC's train.tsv, dev.tsv (the pairs listed in `dev_ids`) and test.tsv into `target`, exactly
     as download_glue_data.py does: train and dev keep the header, test.tsv has an index for the label."""
-    with open(dev_ids, encoding="utf-8") as f:
-        dev_pairs = {tuple(line.strip().split("\t")) for line in f}
+    dev_pairs = {tuple(line.strip().split("\t")) for line in Path(dev_ids).read_text(encoding="utf-8").splitlines()}
     header, train_rows = _read_msr(train_txt)
     _, test_rows = _read_msr(test_txt)
-    target = Path(target)
-    target.mkdir(parents=True, exist_ok=True)
-    with open(target / "train.tsv", "w", encoding="utf-8", newline="\n") as train, \
-            open(target / "dev.tsv", "w", encoding="utf-8", newline="\n") as dev, \
-            open(target / "test.tsv", "w", encoding="utf-8", newline="\n") as test:
-        train.write(header)
-        dev.write(header)
-        for label, id1, id2, string1, string2 in train_rows:
-            out = dev if (id1, id2) in dev_pairs else train
-            out.write(f"{label}\t{id1}\t{id2}\t{string1}\t{string2}\n")
-        test.write("index\t#1 ID\t#2 ID\t#1 String\t#2 String\n")
-        for index, (_, id1, id2, string1, string2) in enumerate(test_rows):
-            test.write(f"{index}\t{id1}\t{id2}\t{string1}\t{string2}\n")
+    tsvs = {"train": [header], "dev": [header], "test": ["index\t#1 ID\t#2 ID\t#1 String\t#2 String\n"]}
+    for fields in train_rows:  # Quality, #1 ID, #2 ID, #1 String, #2 String
+        tsvs["dev" if tuple(fields[1:3]) in dev_pairs else "train"].append("\t".join(fields) + "\n")
+    for index, fields in enumerate(test_rows):
+        tsvs["test"].append("\t".join([str(index), *fields[1:]]) + "\n")
+    Path(target).mkdir(parents=True, exist_ok=True)
+    for split, lines in tsvs.items():
+        (Path(target) / f"{split}.tsv").write_text("".join(lines), encoding="utf-8", newline="\n")

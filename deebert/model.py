@@ -1,16 +1,15 @@
 """BERT and DeeBERT in plain PyTorch: embeddings, self-attention, layers, off-ramps.
 
-BERT (Devlin et al. 2019) as the original code computes it, so real checkpoints load and give the same
-numbers as Hugging Face `transformers` (the tests check every layer to 1e-5): learned positions,
-post-LayerNorm residuals, the exact erf GELU, LayerNorm eps from the config.
-DeeBERT (Xin et al. 2020, section 3) adds an off-ramp, a small classifier, after every layer.
+BERT (Devlin et al. 2019) as the original code computes it, so real checkpoints give the numbers of Hugging Face
+`transformers` (tested to 1e-5 at every layer): learned positions, post-LayerNorm residuals, the exact erf GELU,
+LayerNorm eps from the config. DeeBERT (Xin et al. 2020, section 3) adds an off-ramp, a classifier, after every layer.
 
     input_ids (B, T) -> Embeddings -> Layer 1 -> Layer 2 -> ... -> Layer n
                                          |          |                 |
                                     OffRamp 1   OffRamp 2   ...   OffRamp n  -> logits (B, C) each
 
-Shapes: B batch, T tokens, H hidden size, nh heads, hs = H / nh head size, C classes.
-Module names are ours; `checkpoint.py` holds the one table that maps them to the checkpoint's names.
+Shapes: B batch, T tokens, H hidden size, nh heads, hs = H / nh head size, C classes. Module names are
+ours; `checkpoint.py` holds the one table that maps them to the checkpoint's names.
 """
 
 import torch
@@ -19,20 +18,15 @@ from torch import nn
 
 from deebert.config import BertConfig
 
-ACTIVATIONS = {
-    "gelu": F.gelu,  # exact: x * Phi(x), with the erf; BERT's own
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-}
+ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu,  # BERT's "gelu" is the exact one: x * Phi(x), with the erf
+               "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+               "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
 def embedding(num: int, dim: int) -> nn.Embedding:
-    """A lookup table of `num` vectors, zeros until a checkpoint or `init_weights` fills it.
-
-    Passing the weight skips nn.Embedding's own N(0, 1) draw, which BERT does not use anyway and which,
-    on the meta device where `checkpoint.py` builds models, costs a second of one-time set-up.
-    """
+    """A lookup table of `num` vectors, zeros until a checkpoint or `init_weights` fills it. Passing the weight
+    skips nn.Embedding's own N(0, 1) draw, which BERT does not use anyway and which, on the meta device where
+    `checkpoint.py` builds models, costs a second of one-time set-up."""
     return nn.Embedding(num, dim, _weight=torch.zeros(num, dim))
 
 
@@ -99,10 +93,8 @@ class Layer(nn.Module):
 
 
 def attention_mask_for(attention_mask):
-    """(B, T) of 1 (token) / 0 (padding) -> (B, 1, 1, T) booleans that broadcast over heads and queries.
-
-    None when nothing is padded: then attention needs no mask and can take its fastest kernel.
-    """
+    """(B, T) of 1 (token) / 0 (padding) -> (B, 1, 1, T) booleans that broadcast over heads and queries;
+    None when nothing is padded: then attention needs no mask and can take its fastest kernel."""
     if attention_mask is None or bool(attention_mask.all()):
         return None
     return attention_mask.bool()[:, None, None, :]
@@ -155,12 +147,9 @@ class BertModel(nn.Module):
 
 class OffRamp(nn.Module):
     """DeeBERT's off-ramp f_i: pool the layer's output -> Linear(H, H) + tanh -> dropout -> Linear(H, C).
-
     pooling="cls" is the paper's: the [CLS] token's vector, exactly BERT's own classification head.
-    pooling="mean" (an option, not the paper) averages over the real tokens instead. Checkpoints trained
-    with mean pooling, such as sentence-transformers' all-MiniLM-L6-v2, leave [CLS] almost constant in
-    their lower layers, and an off-ramp there cannot learn from it; the mean carries the information.
-    """
+    pooling="mean" (not the paper) averages the real tokens: checkpoints trained with mean pooling, such as
+    all-MiniLM-L6-v2, leave [CLS] almost constant in their lower layers, where the mean carries the information."""
 
     def __init__(self, config: BertConfig, pooling: str = "cls"):
         super().__init__()
@@ -187,9 +176,7 @@ class DeeBert(nn.Module):
         super().__init__()
         self.config = config
         self.encoder = Encoder(config)
-        self.off_ramps = nn.ModuleList(
-            OffRamp(config, config.off_ramp_pooling) for _ in range(config.num_hidden_layers)
-        )
+        self.off_ramps = nn.ModuleList(OffRamp(config, config.off_ramp_pooling) for _ in self.encoder.layers)
 
     @property
     def num_layers(self) -> int:

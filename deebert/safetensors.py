@@ -1,18 +1,13 @@
-"""The safetensors file format, read and written from scratch.
-
-A safetensors file is three parts, back to back:
+"""The safetensors file format, read and written from scratch: three parts, back to back.
 
     bytes 0..8          N, the length of the header: an unsigned 64-bit little-endian integer
-    bytes 8..8+N        the header: JSON, {"name": {"dtype": "F32", "shape": [2, 3],
-                                                    "data_offsets": [begin, end]}, ...,
-                                       "__metadata__": {"key": "value"}}  (optional)
-    bytes 8+N..         the data: every tensor's raw little-endian bytes, row-major;
-                        `data_offsets` count from the start of this part
+    bytes 8..8+N        the header: JSON, {"name": {"dtype": "F32", "shape": [2, 3], "data_offsets": [begin, end]},
+                                           ..., "__metadata__": {"key": "value"}}  (optional)
+    bytes 8+N..         the data: every tensor's raw little-endian bytes, row-major, at data_offsets from here
 
-The reader memory-maps the file, so a tensor is a view of the file's pages: nothing is copied until
-it is used, and loading a model never holds two copies of the weights. Every field of the header is
+The reader memory-maps the file, so a tensor is a view of the file's pages (torch is little-endian on every
+platform, as the format is): loading a model never holds two copies of the weights. Every header field is
 checked before it is trusted: a broken file raises `DeeBertError`, never a crash or a huge allocation.
-(Byte order: torch tensors on every platform torch supports are little-endian, as the format is.)
 """
 
 import json
@@ -25,11 +20,8 @@ import torch
 from deebert.errors import DeeBertError
 from deebert.files import write_atomically
 
-DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+          "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's limit too
 
@@ -43,13 +35,11 @@ def read_header(path) -> tuple[dict, int]:
     with open(path, "rb") as f:
         prefix = f.read(8)
         if len(prefix) < 8:
-            raise DeeBertError(f"{path}: truncated ({file_size} bytes, fewer than the 8-byte header length); re-download it")
+            raise DeeBertError(f"{path}: truncated ({file_size} bytes, under the 8-byte header length); re-download it")
         (header_size,) = struct.unpack("<Q", prefix)  # little-endian unsigned 64-bit
         if header_size > file_size - 8 or header_size > MAX_HEADER_BYTES:  # checked before any allocation
-            raise DeeBertError(
-                f"{path}: header claims {header_size} bytes but the file has {file_size}; "
-                "the file is truncated or not safetensors, re-download it"
-            )
+            raise DeeBertError(f"{path}: header claims {header_size} bytes but the file has {file_size}; "
+                               "the file is truncated or not safetensors, re-download it")
         header_bytes = f.read(header_size)
     try:
         header = json.loads(header_bytes.decode("utf-8"))
@@ -77,27 +67,22 @@ def _check_entry(path, name: str, entry, data_size: int) -> None:
         raise DeeBertError(f"{path}: tensor '{name}' has invalid data_offsets {offsets!r}")
     begin, end = offsets
     if not 0 <= begin <= end <= data_size:
-        raise DeeBertError(
-            f"{path}: tensor '{name}' lies at bytes {begin}..{end}, outside the {data_size} data bytes; "
-            "the file is truncated, re-download it"
-        )
+        raise DeeBertError(f"{path}: tensor '{name}' lies at bytes {begin}..{end}, outside the {data_size} data bytes; "
+                           "the file is truncated, re-download it")
     expected = math.prod(shape) * DTYPES[dtype].itemsize
     if end - begin != expected:
-        raise DeeBertError(f"{path}: tensor '{name}' has {end - begin} bytes but shape {shape} in {dtype} needs {expected}")
+        raise DeeBertError(f"{path}: tensor '{name}' has {end - begin} bytes, but {dtype} {shape} needs {expected}")
 
 
 def load_file(path) -> dict[str, torch.Tensor]:
     """Read every tensor of a safetensors file, as views of the memory-mapped file."""
     header, data_start = read_header(path)
     file_size = Path(path).stat().st_size
-    if file_size == 0:
-        return {}
     # Map the whole file privately: pages are read on first use; writing to a tensor never touches the file.
     file_bytes = torch.from_file(str(path), shared=False, size=file_size, dtype=torch.uint8)
+    header.pop("__metadata__", None)  # strings, not tensors
     tensors = {}
     for name, entry in header.items():
-        if name == "__metadata__":
-            continue
         begin, end = entry["data_offsets"]
         dtype = DTYPES[entry["dtype"]]
         raw = file_bytes[data_start + begin : data_start + end]
@@ -109,14 +94,11 @@ def load_file(path) -> dict[str, torch.Tensor]:
 
 def save_file(tensors: dict[str, torch.Tensor], path, metadata: dict | None = None) -> None:
     """Write tensors as a safetensors file, atomically (see deebert/files.py)."""
-    path = Path(path)
     # Largest elements first keeps every tensor aligned to its element size, as the reference writer does.
     names = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
     header, offset = {}, 0
     for name in names:
         tensor = tensors[name]
-        if tensor.dtype not in DTYPE_NAMES:
-            raise DeeBertError(f"cannot save tensor '{name}': dtype {tensor.dtype} has no safetensors name")
         nbytes = tensor.numel() * tensor.element_size()
         header[name] = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
                         "data_offsets": [offset, offset + nbytes]}
@@ -128,8 +110,7 @@ def save_file(tensors: dict[str, torch.Tensor], path, metadata: dict | None = No
 
     def write(temporary):
         with open(temporary, "wb") as f:
-            f.write(struct.pack("<Q", len(header_bytes)))
-            f.write(header_bytes)
+            f.write(struct.pack("<Q", len(header_bytes)) + header_bytes)
             for name in names:
                 flat = tensors[name].detach().cpu().contiguous().reshape(-1)
                 f.write(flat.view(torch.uint8).numpy().data)

@@ -1,35 +1,29 @@
-"""Text -> token ids, token types and attention masks, on the `tokenizers` package.
+"""Text -> token ids, token types and attention masks: BERT's WordPiece, on the `tokenizers` package.
 
-BERT's WordPiece: normalise (clean, optionally lower-case, strip accents), split on whitespace and
-punctuation, then split each word into the longest vocabulary pieces ("playing" -> "play", "##ing").
-A single sentence becomes `[CLS] a [SEP]` (token types 0); a pair `[CLS] a [SEP] b [SEP]` (types 0..0 1..1).
-Batches are padded to their longest member (dynamic padding) with an attention mask of 1 for tokens
-and 0 for padding; inputs longer than `max_length` are cut, the longer text of a pair first.
-
-A checkpoint's `tokenizer.json` carries its own padding and truncation settings (all-MiniLM-L6-v2's
-pads everything to 128): `Tokenizer` sets both explicitly and never inherits them.
+Normalise (clean, optionally lower-case, strip accents), split on whitespace and punctuation, then split each
+word into the longest vocabulary pieces ("playing" -> "play", "##ing"). A sentence becomes `[CLS] a [SEP]`
+(token types 0), a pair `[CLS] a [SEP] b [SEP]` (types 0..0 1..1). Batches are padded to their longest member
+(attention mask 1 on tokens, 0 on padding), never to a `tokenizer.json`'s fixed length; inputs over `max_length`
+are cut, the longer text of a pair first.
 """
 
 import json
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from deebert.errors import DeeBertError
-
 
 MIN_MAX_LENGTH = 8  # [CLS] a [SEP] b [SEP] and a few tokens of text; below 4 tokenizers would not truncate at all
 
 
 class Tokenizer:
     def __init__(self, backend: HFTokenizer, max_length: int = 128):
-        self.backend = backend
-        self.pad_id = backend.token_to_id("[PAD]")
         for token in ("[CLS]", "[SEP]", "[PAD]"):
             if backend.token_to_id(token) is None:
                 raise DeeBertError(f"the tokenizer has no {token} token; it is not a BERT tokenizer")
+        self.backend, self.pad_id = backend, backend.token_to_id("[PAD]")
         self.set_max_length(max_length)
 
     def set_max_length(self, max_length: int) -> None:
@@ -53,12 +47,9 @@ class Tokenizer:
         return self.backend.get_vocab_size()
 
     def encode(self, texts_a: list, texts_b: list | None = None) -> dict:
-        """Texts (and second texts of pairs) -> {"input_ids", "token_type_ids", "attention_mask"}: (B, T) each.
-
-        Also "truncated": (B,) booleans, True where an input was longer than max_length and was cut.
-        """
-        inputs = list(texts_a) if texts_b is None else list(zip(texts_a, texts_b))
-        encodings = self.backend.encode_batch(inputs)
+        """Texts (and second texts of pairs) -> {"input_ids", "token_type_ids", "attention_mask"}: (B, T) each,
+        and "truncated": (B,) booleans, True where an input was longer than max_length and was cut."""
+        encodings = self.backend.encode_batch(list(texts_a) if texts_b is None else list(zip(texts_a, texts_b)))
         return {
             "input_ids": torch.tensor([e.ids for e in encodings]),
             "token_type_ids": torch.tensor([e.type_ids for e in encodings]),
@@ -72,67 +63,53 @@ class Tokenizer:
 
     def save(self, directory) -> None:
         """Write tokenizer.json (our settings: no fixed padding) and vocab.txt."""
-        directory = Path(directory)
         self.backend.save(str(directory / "tokenizer.json"))
         vocab = sorted(self.backend.get_vocab().items(), key=lambda item: item[1])
         (directory / "vocab.txt").write_text("".join(token + "\n" for token, _ in vocab), encoding="utf-8")
 
 
-def check_max_length(max_length: int, max_positions: int) -> int:
+def check_max_length(max_length: int, max_positions: int) -> None:
     """The one check of --max_length: room for a pair's special tokens, and no more than the model's positions."""
     if not MIN_MAX_LENGTH <= max_length <= max(max_positions, MIN_MAX_LENGTH):
         raise DeeBertError(f"--max_length {max_length} must lie in {MIN_MAX_LENGTH}..{max_positions} "
                            f"(room for [CLS] a [SEP] b [SEP]; the model has {max_positions} positions)")
-    return max_length
 
 
 def lowercase(directory: Path) -> bool:
     """Whether the checkpoint lower-cases its input: tokenizer_config.json says, else True (uncased BERT)."""
     config = directory / "tokenizer_config.json"
-    if config.is_file():
-        return bool(json.loads(config.read_text(encoding="utf-8")).get("do_lower_case", True))
-    return True
+    return not config.is_file() or bool(json.loads(config.read_text(encoding="utf-8")).get("do_lower_case", True))
 
 
 def wordpiece_from_vocab(vocab_file: Path, lowercase: bool = True) -> HFTokenizer:
     """BERT's tokenizer, assembled from its parts: the pipeline a tokenizer.json describes."""
     vocab = {}
-    for index, line in enumerate(Path(vocab_file).read_text(encoding="utf-8").splitlines()):
-        vocab.setdefault(line.rstrip("\n"), index)
+    for index, token in enumerate(Path(vocab_file).read_text(encoding="utf-8").splitlines()):
+        vocab.setdefault(token, index)  # a token listed twice keeps its first id
     if "[UNK]" not in vocab:
         raise DeeBertError(f"{vocab_file} has no [UNK] token; it is not a BERT vocab.txt")
     tokenizer = HFTokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
-    tokenizer.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
-                                                      strip_accents=None, lowercase=lowercase)
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=lowercase)  # cleans too; strips accents if lowercase
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    cls_id, sep_id = vocab["[CLS]"], vocab["[SEP]"]
     tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        pair="[CLS] $A [SEP] $B:1 [SEP]:1",  # ":1" = token type 1, segment B
-        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
-    )
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",  # ":1" = token type 1, segment B
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
     tokenizer.decoder = decoders.WordPiece(prefix="##")
     return tokenizer
 
 
 def by_length(tokenizer: Tokenizer, examples: list) -> list:
-    """Indices of `examples` from the shortest input to the longest (in tokens).
-
-    Batches cut from this order hold inputs of similar length, so they carry little padding: at batch 32
-    on SST-2 the full model runs about 1.6x faster than on batches cut in the data's own order.
-    """
+    """Indices of `examples` from the shortest input to the longest (in tokens). Batches cut in this order
+    carry little padding: at batch 32 on SST-2 the full model runs ~1.6x faster than in the data's order."""
     pairs = [e.text_a if e.text_b is None else (e.text_a, e.text_b) for e in examples]
     lengths = [len(encoding.ids) for encoding in tokenizer.backend.encode_batch(pairs)]
     return sorted(range(len(examples)), key=lengths.__getitem__)
 
 
 def batches(tokenizer: Tokenizer, examples: list, batch_size: int, order=None):
-    """Examples (anything with .text_a, .text_b, .label) -> batches of tensors, dynamically padded.
-
-    `order` (indices into `examples`) sets which examples go together; default: as they come.
-    Each batch is the dict of `Tokenizer.encode` plus "index" (B,), the examples' positions in `examples`,
-    and "labels" (B,) when the examples have labels.
-    """
+    """Examples (anything with .text_a, .text_b, .label) -> batches of tensors, dynamically padded, in
+    `order` (indices into `examples`; default: as they come). Each batch is `Tokenizer.encode`'s dict plus
+    "index" (B,), the examples' positions in `examples`, and "labels" (B,) when the examples have labels."""
     order = list(range(len(examples)) if order is None else order)
     for start in range(0, len(order), batch_size):
         index = order[start : start + batch_size]

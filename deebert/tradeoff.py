@@ -1,18 +1,14 @@
 """Measuring DeeBERT's trade-off: quality against saved computation, for each threshold S (paper section 4).
 
-1. Quality and *expected* saving (`sweep`): after one full pass (`exit.full_pass`: every layer and
-   off-ramp on every example), each example's exit layer for any S is the first layer whose entropy is
-   below S, and its prediction is that off-ramp's argmax. No S needs a second pass. The expected saving is
-   1 - sum_i i * N_i / (n * N), the fraction of layers not run (section 4.3).
-2. *Measured* wall-clock saving (`measure_wall_clock`): true early exit, timed against the full model
-   (plain fine-tuned BERT: all layers and only the last off-ramp) on the same batches. The paper times
-   one input at a time; we also time batches, which the paper's code could not run.
-3. A threshold with a guarantee (`certify_S`): the largest S whose early exits agree with the full model
+1. Quality and *expected* saving (`sweep`): after one full pass (`exit.full_pass`), each example's exit
+   layer for any S is its first layer with entropy below S, its prediction that off-ramp's argmax: no S needs
+   a second pass. The expected saving, 1 - sum_i i * N_i / (n * N), is the fraction of layers not run (4.3).
+2. A threshold with a guarantee (`certify_S`): the largest S whose early exits agree with the full model
    on all but a fraction epsilon of inputs like the calibration set, with probability at least 1 - delta.
-
-The expected saving counts layers only; the measured one also pays for the embeddings and for the
-off-ramps on the way (one per layer reached, against one for the full model): measured / expected is
-usually a little below 1. `write_csv` keeps every number, `plot` draws the paper's Figures 2, 3, 4 and 6.
+3. *Measured* wall-clock saving (`measure_wall_clock`): true early exit against the full model (all layers,
+   only the last off-ramp) on the same batches; it also pays for the embeddings and the off-ramps on the
+   way, so measured / expected is usually a little below 1. The paper times one input at a time; we also
+   time batches. `write_csv` keeps every number; `figures.py` draws the paper's figures from them.
 """
 
 import csv
@@ -38,11 +34,6 @@ def predictions_at_exit(all_logits, exit_layers) -> torch.Tensor:
     """(N, n, C) logits and (N,) 1-based exit layers -> (N,) class ids: each example's argmax where it exits."""
     rows = torch.arange(all_logits.shape[0])
     return all_logits[rows, exit_layers - 1].argmax(dim=-1)  # (N, n, C) -> (N, C) -> (N,)
-
-
-def per_layer_metrics(all_logits, labels, task) -> list[dict]:
-    """The task's metrics of every off-ramp, as if each were the only exit (the paper's Figure 4)."""
-    return [compute_metrics(task, all_logits[:, i].argmax(-1).numpy(), labels.numpy()) for i in range(all_logits.shape[1])]
 
 
 def _row(S, task, all_logits, labels, exit_layers) -> dict:
@@ -150,14 +141,13 @@ def measure_wall_clock(model, batches, S_values=PAPER_THRESHOLDS, budget_seconds
                        min_rounds: int = 3, max_rounds: int = 100, target: float = 0.005) -> list[dict]:
     """Time true early exit at each S against the full model, on the same batches, robustly to a busy machine.
 
-    Within a round, every batch runs the full model and then each S back to back (the order reversed every
-    other round), so a disturbance from another process falls on all of them alike; each round gives one
-    ratio t(S) / t(full) per S. Rounds go on until the median's uncertainty (spread / sqrt(rounds)) is below
-    `target` for every S, or the budget is spent. The saving reported is 1 - the median ratio, and its
-    spread is half the interquartile range of the rounds. (torch.utils.benchmark times one statement at a
-    time; pairing two statements batch by batch is what makes the ratio steady, hence this loop.)
-    One row per S: measured saving, spread, expected saving of these very examples, and their ratio;
-    the first row is the full model (S None). Batch size 1 times `early_exit`, larger ones `early_exit_batch`.
+    In a round every batch runs the full model and each S back to back (the order reversed every other round),
+    so a disturbance from another process hits them alike; a round gives one ratio t(S) / t(full) per S.
+    Rounds go on until the median's uncertainty (spread / sqrt(rounds)) is below `target`, or the budget is
+    spent. Saving = 1 - the median ratio; spread = half the rounds' interquartile range. (torch.utils.benchmark
+    times one statement at a time; pairing two, batch by batch, is what keeps the ratio steady.)
+    One row per S (the first: the full model, S None): measured saving, spread, expected saving of these very
+    examples, their ratio. Batch size 1 times `early_exit`, larger ones `early_exit_batch`.
     """
     batches = list(batches)
     if not batches:
@@ -195,13 +185,8 @@ def measure_wall_clock(model, batches, S_values=PAPER_THRESHOLDS, budget_seconds
     return rows
 
 
-def within_noise(row: dict) -> bool:
-    """A measured saving no larger than its own spread: not distinguishable from no saving at all."""
-    return abs(row["measured_saving"]) <= row["spread"]
-
-
 # ----------------------------------------------------------------------------------------------------
-# Writing the results: CSV always, the figure when matplotlib is installed
+# Writing the results: every number in a CSV (the figures: figures.py)
 
 
 def write_csv(rows: list[dict], path):
@@ -220,78 +205,3 @@ def write_csv(rows: list[dict], path):
             writer.writerows([cell(key, row.get(key)) for key in columns] for row in rows)
 
     return write_atomically(path, write)
-
-
-def draw_tradeoff(axes, rows: list[dict], metric: str) -> None:
-    """Figure 2: the metric (%) against the expected saving (%), one point per S; S values that land on
-    the same spot share one label, so the labels near S = 0 do not print over each other."""
-    points = [row for row in rows if row["S"] is not None]
-    x = [100 * row["expected_saving"] for row in points]
-    y = [100 * row[metric] for row in points]
-    axes.plot(x, y, "o-")
-    labels = []  # [x, y, text]
-    for row, xi, yi in zip(points, x, y):
-        if labels and abs(labels[-1][0] - xi) < 4 and abs(labels[-1][1] - yi) < 1:
-            labels[-1][2] += f", {row['S']:g}"
-        else:
-            labels.append([xi, yi, f"S={row['S']:g}"])
-    for xi, yi, text in labels:
-        axes.annotate(text, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    full = next(row for row in rows if row["S"] is None)
-    axes.axhline(100 * full[metric], linestyle="--", color="grey", linewidth=1, label="full model")
-    axes.legend(loc="lower left", fontsize=8)
-    axes.set(xlabel="expected saving of layers (%)", ylabel=f"{metric} (%)", title="quality against saving")
-
-
-def draw_measured(axes, timing: list[dict]) -> None:
-    """Figure 3: the measured wall-clock saving against the expected one, with spreads; the diagonal is 1:1."""
-    for batch_size in dict.fromkeys(row["batch_size"] for row in timing):
-        points = [row for row in timing if row["batch_size"] == batch_size and row["S"] is not None]
-        axes.errorbar([100 * r["expected_saving"] for r in points], [100 * r["measured_saving"] for r in points],
-                      yerr=[100 * r["spread"] for r in points], fmt="o", capsize=2, label=f"batch {batch_size}")
-    axes.axline((0, 0), slope=1, color="grey", linestyle="--", linewidth=1)
-    axes.legend(fontsize=8)
-    axes.set(xlabel="expected saving (%)", ylabel="measured saving (%)", title="wall clock against layer count")
-
-
-def draw_per_layer(axes, per_layer: dict, metric: str) -> None:
-    """Figure 4: each off-ramp's metric, for every {name: per-layer metrics} given (e.g. after each stage)."""
-    for name, metrics in per_layer.items():
-        axes.plot(range(1, len(metrics) + 1), [100 * m[metric] for m in metrics], "o-", label=name)
-    axes.legend(fontsize=8)
-    axes.set(xlabel="off-ramp (layer)", ylabel=f"{metric} (%)", title="each off-ramp alone")
-
-
-def draw_exits(axes, rows: list[dict], count: int = 4) -> None:
-    """Figure 6: how many examples exit at each layer, for a few S spread over the sweep."""
-    points = [row for row in rows if row["S"]]
-    picks = dict.fromkeys(round(k * (len(points) - 1) / max(1, count - 1)) for k in range(min(count, len(points))))
-    shown = [points[k] for k in picks]
-    width = 0.8 / max(1, len(shown))
-    for k, row in enumerate(shown):
-        layers = range(1, len(row["exits_per_layer"]) + 1)
-        axes.bar([i + (k - (len(shown) - 1) / 2) * width for i in layers], row["exits_per_layer"], width,
-                 label=f"S={row['S']:g}")
-    axes.legend(fontsize=8)
-    axes.set(xlabel="exit layer", ylabel="examples", title="where examples exit")
-
-
-def plot(path, rows: list[dict], metric: str, per_layer: dict | None = None, timing: list[dict] | None = None):
-    """The paper's figures in one PNG: 2 (trade-off), 3 (measured vs expected, when timed), 4 (each off-ramp),
-    6 (exits per layer). Returns the path, or None when matplotlib is not installed (the CSV has it all)."""
-    try:
-        from matplotlib.figure import Figure  # optional, and no pyplot: no GUI backend, no global state
-    except ImportError:
-        return None
-    panels = [lambda a: draw_tradeoff(a, rows, metric), lambda a: draw_exits(a, rows)]
-    if per_layer:
-        panels.append(lambda a: draw_per_layer(a, per_layer, metric))
-    if timing:
-        panels.append(lambda a: draw_measured(a, timing))
-    figure = Figure(figsize=(11, 8 if len(panels) > 2 else 4), dpi=110)
-    for k, draw in enumerate(panels, start=1):
-        axes = figure.add_subplot(2 if len(panels) > 2 else 1, 2, k)
-        draw(axes)
-        axes.grid(alpha=0.3)
-    figure.tight_layout()
-    return write_atomically(path, lambda temporary: figure.savefig(temporary, format="png"))

@@ -1,0 +1,195 @@
+"""The paper's figures, drawn with matplotlib from what train.py and infer.py --eval write (a tool, not the lesson).
+
+    python figures.py                        # every tutorial figure, from runs/sst-2, into tutorial/figures/
+    python figures.py --run runs/rte --out /tmp/rte-figures
+
+`infer.py --eval` draws `plot` (Figures 2, 3, 4 and 6 of the paper in one PNG) beside its tradeoff.csv.
+`main` redraws the tutorial's figures: the model (Figure 1), entropy against confidence, each off-ramp
+after each stage (Figure 4), where examples exit (Figure 6), measured against expected saving (Figure 3)
+and the trade-off (Figure 2), from a run folder holding results.json and tradeoff.csv.
+"""
+
+import argparse
+import csv
+import json
+import math
+from pathlib import Path
+
+from deebert.config import BertConfig
+from deebert.files import write_atomically
+from deebert.tradeoff import PAPER_THRESHOLDS
+
+try:
+    from matplotlib import patches
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+except ImportError:  # infer.py --eval then writes its CSV only
+    Figure = None
+
+
+def draw_tradeoff(axes, rows: list[dict], metric: str) -> None:
+    """Figure 2: the metric (%) against the expected saving (%), one point per S; S values that land on
+    the same spot share one label, so the labels near S = 0 do not print over each other."""
+    points = [row for row in rows if row["S"] is not None]
+    x = [100 * row["expected_saving"] for row in points]
+    y = [100 * row[metric] for row in points]
+    axes.plot(x, y, "o-")
+    labels = []  # [x, y, text]
+    for row, xi, yi in zip(points, x, y):
+        if labels and abs(labels[-1][0] - xi) < 4 and abs(labels[-1][1] - yi) < 1:
+            labels[-1][2] += f", {row['S']:g}"
+        else:
+            labels.append([xi, yi, f"S={row['S']:g}"])
+    for xi, yi, text in labels:
+        axes.annotate(text, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    full = next(row for row in rows if row["S"] is None)
+    axes.axhline(100 * full[metric], linestyle="--", color="grey", linewidth=1, label="full model")
+    axes.legend(loc="lower left", fontsize=8)
+    axes.set(xlabel="expected saving of layers (%)", ylabel=f"{metric} (%)", title="quality against saving")
+
+
+def draw_measured(axes, timing: list[dict]) -> None:
+    """Figure 3: the measured wall-clock saving against the expected one, with spreads; the diagonal is 1:1."""
+    for batch_size in dict.fromkeys(row["batch_size"] for row in timing):
+        points = [row for row in timing if row["batch_size"] == batch_size and row["S"] is not None]
+        axes.errorbar([100 * r["expected_saving"] for r in points], [100 * r["measured_saving"] for r in points],
+                      yerr=[100 * r["spread"] for r in points], fmt="o", capsize=2, label=f"batch {batch_size}")
+    axes.axline((0, 0), slope=1, color="grey", linestyle="--", linewidth=1)
+    axes.legend(fontsize=8)
+    axes.set(xlabel="expected saving (%)", ylabel="measured saving (%)", title="wall clock against layer count")
+
+
+def draw_per_layer(axes, per_layer: dict, metric: str) -> None:
+    """Figure 4: each off-ramp's metric, for every {name: per-layer metrics} given (e.g. after each stage)."""
+    for name, metrics in per_layer.items():
+        axes.plot(range(1, len(metrics) + 1), [100 * m[metric] for m in metrics], "o-", label=name)
+    axes.legend(fontsize=8)
+    axes.set(xlabel="off-ramp (layer)", ylabel=f"{metric} (%)", title="each off-ramp alone")
+
+
+def draw_exits(axes, rows: list[dict], count: int = 4) -> None:
+    """Figure 6: how many examples exit at each layer, for a few S spread over the sweep."""
+    points = [row for row in rows if row["S"]]
+    picks = dict.fromkeys(round(k * (len(points) - 1) / max(1, count - 1)) for k in range(min(count, len(points))))
+    shown = [points[k] for k in picks]
+    width = 0.8 / max(1, len(shown))
+    for k, row in enumerate(shown):
+        layers = range(1, len(row["exits_per_layer"]) + 1)
+        axes.bar([i + (k - (len(shown) - 1) / 2) * width for i in layers], row["exits_per_layer"], width,
+                 label=f"S={row['S']:g}")
+    axes.legend(fontsize=8)
+    axes.set(xlabel="exit layer", ylabel="examples", title="where examples exit")
+
+
+def plot(path, rows: list[dict], metric: str, per_layer: dict | None = None, timing: list[dict] | None = None):
+    """The paper's figures in one PNG: 2 (trade-off), 6 (exits per layer), 4 (each off-ramp), 3 (measured vs
+    expected, when timed). Returns the path, or None when matplotlib is not installed (the CSV has it all)."""
+    if Figure is None:
+        return None
+    panels = [lambda a: draw_tradeoff(a, rows, metric), lambda a: draw_exits(a, rows)]
+    if per_layer:
+        panels.append(lambda a: draw_per_layer(a, per_layer, metric))
+    if timing:
+        panels.append(lambda a: draw_measured(a, [row for row in timing if row["S"] is not None]))
+    figure = Figure(figsize=(11, 8 if len(panels) > 2 else 4), dpi=110)
+    for k, draw in enumerate(panels, start=1):
+        axes = figure.add_subplot(2 if len(panels) > 2 else 1, 2, k)
+        draw(axes)
+        axes.grid(alpha=0.3)
+    return save(figure, path)
+
+
+def save(figure, path) -> Path:
+    figure.tight_layout()
+    return write_atomically(path, lambda temporary: figure.savefig(temporary, format="png"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The tutorial's figures, from a run folder
+
+
+def read_rows(path) -> list[dict]:
+    """tradeoff.csv -> the rows infer.py wrote: S None for "full", numbers as floats, "3 1 0" as a list."""
+    def value(key, text):
+        if key == "S" and text == "full":
+            return None
+        if key == "exits_per_layer":
+            return [int(x) for x in text.split()]
+        return float(text) if text else None
+
+    with open(path, newline="", encoding="utf-8") as f:
+        return [{key: value(key, text) for key, text in row.items()} for row in csv.DictReader(f)]
+
+
+def timing_rows(rows: list[dict]) -> list[dict]:
+    """The wall-clock columns of tradeoff.csv (measured_saving_batch1, ...) back as one row per S and batch size."""
+    sizes = [key.removeprefix("measured_saving_batch") for key in rows[0] if key.startswith("measured_saving_batch")]
+    return [{"S": row["S"], "batch_size": int(B), "measured_saving": row[f"measured_saving_batch{B}"],
+             "spread": row[f"spread_batch{B}"], "expected_saving": row[f"expected_saving_batch{B}"]}
+            for B in sizes for row in rows if row["S"] is not None]
+
+
+def draw_model(axes, config: BertConfig) -> None:
+    """Figure 1: embeddings, n grey layers, an orange off-ramp after each, blue exit arrows."""
+    n = config.num_hidden_layers
+    axes.add_patch(patches.Rectangle((0, 0), 1.6, 0.6, color="#cfe3f7"))
+    axes.text(0.8, 0.3, "embeddings", ha="center", va="center", fontsize=8)
+    for i in range(1, n + 1):
+        y = 0.9 * i
+        axes.add_patch(patches.Rectangle((0, y), 1.6, 0.6, color="#bbbbbb"))
+        axes.text(0.8, y + 0.3, f"layer {i}", ha="center", va="center", fontsize=8)
+        axes.add_patch(patches.Rectangle((2.3, y), 1.5, 0.6, color="#f5a623"))
+        axes.text(3.05, y + 0.3, f"off-ramp {i}", ha="center", va="center", fontsize=8)
+        axes.annotate("", (2.3, y + 0.3), (1.6, y + 0.3), arrowprops={"arrowstyle": "->"})
+        axes.annotate("exit if entropy < S" if i == 1 else "", (4.6, y + 0.3), (3.8, y + 0.3),
+                      arrowprops={"arrowstyle": "->", "color": "#1f77b4"}, fontsize=7, va="center")
+    axes.set(xlim=(-0.2, 6.2), ylim=(-0.2, 0.9 * n + 0.8), title=f"DeeBERT on a {n}-layer BERT (hidden {config.hidden_size})")
+    axes.axis("off")
+
+
+def binary_entropy(p: float) -> float:
+    return -p * math.log(p) - (1 - p) * math.log(1 - p)
+
+
+def draw_entropy(axes) -> None:
+    """Binary entropy against the top class's probability, each of the paper's thresholds S marked where
+    the curve crosses it: an input exits when its top class is more probable than that."""
+    p = [0.5 + 0.4999 * k / 400 for k in range(401)]
+    axes.plot([100 * x for x in p], [binary_entropy(x) for x in p])
+    for S in [S for S in PAPER_THRESHOLDS if S >= 0.05 and S < math.log(2)]:
+        low, high = 0.5, 1 - 1e-12  # entropy falls from ln 2 to 0 here: bisect for entropy = S
+        for _ in range(60):
+            low, high = ((low + high) / 2, high) if binary_entropy((low + high) / 2) > S else (low, (low + high) / 2)
+        axes.plot(100 * low, S, "o", color="#f5a623")
+        axes.annotate(f"S={S:g}: {100 * low:.1f}%", (100 * low, S), textcoords="offset points", xytext=(5, 2), fontsize=7)
+    axes.set(xlabel="probability of the top class (%)", ylabel="entropy (nats)",
+             title="two classes: an input exits when entropy < S")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", default="runs/sst-2", help="a run folder: config.json, results.json, tradeoff.csv (default: %(default)s)")
+    parser.add_argument("--out", default="tutorial/figures", help="where the PNGs go (default: %(default)s)")
+    args = parser.parse_args(argv)
+    run, out = Path(args.run), Path(args.out)
+    results = json.loads((run / "results.json").read_text())
+    rows = read_rows(run / "tradeoff.csv")
+    metric = next(key for key in rows[0] if key not in ("S",))
+    per_layer = {f"after stage {k[-1]}": v["dev_per_layer"] for k, v in results.items() if k.startswith("stage")}
+    joint = run.with_name(run.name + "-joint") / "results.json"
+    if joint.is_file():
+        per_layer["joint (not the paper)"] = json.loads(joint.read_text())["stagejoint"]["dev_per_layer"]
+    draws = {"model": lambda a: draw_model(a, BertConfig.from_file(run / "config.json")),
+             "entropy": draw_entropy, "off-ramps": lambda a: draw_per_layer(a, per_layer, metric),
+             "exits": lambda a: draw_exits(a, rows), "measured": lambda a: draw_measured(a, timing_rows(rows)),
+             "tradeoff": lambda a: draw_tradeoff(a, rows, metric)}
+    for name, draw in draws.items():
+        figure = Figure(figsize=(6, 6 if name == "model" else 4), dpi=110)
+        axes = figure.add_subplot()
+        draw(axes)
+        if name != "model":
+            axes.grid(alpha=0.3)
+        print(f"wrote {save(figure, out / f'{name}-{run.name}.png')}")
+
+
+if __name__ == "__main__":
+    main()
