@@ -129,20 +129,26 @@ def timing_rows(rows: list[dict]) -> list[dict]:
 
 
 def draw_model(axes, config: BertConfig) -> None:
-    """Figure 1: embeddings, n grey layers, an orange off-ramp after each, blue exit arrows."""
+    """Figure 1: embeddings, then n grey layers, an orange off-ramp after each, blue exits."""
     n = config.num_hidden_layers
-    axes.add_patch(patches.Rectangle((0, 0), 1.6, 0.6, color="#cfe3f7"))
-    axes.text(0.8, 0.3, "embeddings", ha="center", va="center", fontsize=8)
+
+    def box(x, y, width, color, text):
+        axes.add_patch(patches.Rectangle((x, y), width, 0.6, color=color))
+        axes.text(x + width / 2, y + 0.3, text, ha="center", va="center", fontsize=8)
+
+    def arrow(start, end, color="black"):
+        axes.annotate("", end, start, arrowprops={"arrowstyle": "->", "color": color})
+
+    box(0, 0, 1.6, "#cfe3f7", "embeddings")
     for i in range(1, n + 1):
         y = 0.9 * i
-        axes.add_patch(patches.Rectangle((0, y), 1.6, 0.6, color="#bbbbbb"))
-        axes.text(0.8, y + 0.3, f"layer {i}", ha="center", va="center", fontsize=8)
-        axes.add_patch(patches.Rectangle((2.3, y), 1.5, 0.6, color="#f5a623"))
-        axes.text(3.05, y + 0.3, f"off-ramp {i}", ha="center", va="center", fontsize=8)
-        axes.annotate("", (2.3, y + 0.3), (1.6, y + 0.3), arrowprops={"arrowstyle": "->"})
-        axes.annotate("exit if entropy < S" if i == 1 else "", (4.6, y + 0.3), (3.8, y + 0.3),
-                      arrowprops={"arrowstyle": "->", "color": "#1f77b4"}, fontsize=7, va="center")
-    axes.set(xlim=(-0.2, 6.2), ylim=(-0.2, 0.9 * n + 0.8), title=f"DeeBERT on a {n}-layer BERT (hidden {config.hidden_size})")
+        box(0, y, 1.6, "#bbbbbb", f"layer {i}")
+        box(2.3, y, 1.5, "#f5a623", f"off-ramp {i}")
+        arrow((0.8, y - 0.3), (0.8, y))  # the hidden state goes up
+        arrow((1.6, y + 0.3), (2.3, y + 0.3))  # and into the off-ramp
+        arrow((3.8, y + 0.3), (4.5, y + 0.3), "#1f77b4")
+        axes.text(4.6, y + 0.3, "answer" if i == n else "exit if entropy < S", va="center", fontsize=8, color="#1f77b4")
+    axes.set(xlim=(-0.2, 6.6), ylim=(-0.2, 0.9 * n + 0.8), title=f"DeeBERT on a {n}-layer BERT (hidden {config.hidden_size})")
     axes.axis("off")
 
 
@@ -171,17 +177,21 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default="tutorial/figures", help="where the PNGs go (default: %(default)s)")
     args = parser.parse_args(argv)
     run, out = Path(args.run), Path(args.out)
-    results = json.loads((run / "results.json").read_text())
-    rows = read_rows(run / "tradeoff.csv")
-    metric = next(key for key in rows[0] if key not in ("S",))
-    per_layer = {f"after stage {k[-1]}": v["dev_per_layer"] for k, v in results.items() if k.startswith("stage")}
-    joint = run.with_name(run.name + "-joint") / "results.json"
-    if joint.is_file():
-        per_layer["joint (not the paper)"] = json.loads(joint.read_text())["stagejoint"]["dev_per_layer"]
-    draws = {"model": lambda a: draw_model(a, BertConfig.from_file(run / "config.json")),
-             "entropy": draw_entropy, "off-ramps": lambda a: draw_per_layer(a, per_layer, metric),
-             "exits": lambda a: draw_exits(a, rows), "measured": lambda a: draw_measured(a, timing_rows(rows)),
-             "tradeoff": lambda a: draw_tradeoff(a, rows, metric)}
+    draws = {"model": lambda a: draw_model(a, BertConfig.from_file(run / "config.json")), "entropy": draw_entropy}
+    if (run / "results.json").is_file():  # written by train.py
+        results = json.loads((run / "results.json").read_text())
+        metric = next(iter(results["stage1" if "stage1" in results else "stagejoint"]["dev_per_layer"][0]))
+        per_layer = {f"after stage {k[5:]}": v["dev_per_layer"] for k, v in results.items() if k.startswith("stage")}
+        joint = run.with_name(run.name + "-joint") / "results.json"  # train.py --joint --output_dir <run>-joint
+        if joint.is_file():
+            per_layer["joint training (not the paper)"] = json.loads(joint.read_text())["stagejoint"]["dev_per_layer"]
+        draws["off-ramps"] = lambda a: draw_per_layer(a, per_layer, metric)
+    if (run / "tradeoff.csv").is_file():  # written by infer.py --eval
+        rows = read_rows(run / "tradeoff.csv")
+        metric = list(rows[0])[1]
+        draws.update({"tradeoff": lambda a: draw_tradeoff(a, rows, metric), "exits": lambda a: draw_exits(a, rows)})
+        if any(key.startswith("measured_saving_batch") for key in rows[0]):
+            draws["measured"] = lambda a: draw_measured(a, timing_rows(rows))
     for name, draw in draws.items():
         figure = Figure(figsize=(6, 6 if name == "model" else 4), dpi=110)
         axes = figure.add_subplot()
@@ -189,6 +199,10 @@ def main(argv=None) -> None:
         if name != "model":
             axes.grid(alpha=0.3)
         print(f"wrote {save(figure, out / f'{name}-{run.name}.png')}")
+    missing = {"off-ramps": "results.json (train.py)", "tradeoff": "tradeoff.csv (infer.py --eval)"}
+    for name, source in missing.items():
+        if name not in draws:
+            print(f"skipped {name}: {run} has no {source}")
 
 
 if __name__ == "__main__":

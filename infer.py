@@ -101,10 +101,6 @@ def say(args, *parts) -> None:
     print(*parts, file=sys.stderr if args.json else sys.stdout)
 
 
-# ----------------------------------------------------------------------------------------------------
-# The checkpoint and the inputs
-
-
 def find_checkpoint(model_arg, task_name) -> Path:
     """--model, else runs/<task>, else the runs/* whose config.json was written last (train.py's output)."""
     if model_arg:
@@ -162,9 +158,8 @@ def read_examples(file_arg: str, task) -> list:
         name, data = file_arg, Path(file_arg).read_bytes()
     else:
         raise DeeBertError(f"--file {file_arg} not found; pass a text file with one input per line, or - for stdin")
-    lines = data.removeprefix(b"\xef\xbb\xbf").split(b"\n")  # without a UTF-8 byte-order mark
-    lines = lines[:-1] if lines[-1] == b"" else lines  # the newline that ends the last line
-    if not lines:
+    lines = data.removeprefix(b"\xef\xbb\xbf").removesuffix(b"\n").split(b"\n")  # no byte-order mark, no last newline
+    if lines == [b""]:
         raise DeeBertError(f"{name} holds no inputs; give one input per line")
     examples = []
     for number, line in enumerate(lines, start=1):
@@ -174,10 +169,6 @@ def read_examples(file_arg: str, task) -> list:
             raise DeeBertError(f"{name} line {number} is not UTF-8 text; save the file as UTF-8") from None
         examples.append(as_example(text.split("\t"), task, f"{name} line {number}"))
     return examples
-
-
-# ----------------------------------------------------------------------------------------------------
-# Classifying texts
 
 
 def classify(model, tokenizer, examples: list, S: float, batch_size: int) -> list:

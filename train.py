@@ -5,9 +5,8 @@
 
 Stage 1 is ordinary BERT fine-tuning: the embeddings, every layer and the LAST off-ramp learn from the
 last off-ramp's loss L_n. Stage 2 freezes all of that and trains only the other off-ramps f_1..f_{n-1}
-with L_1 + ... + L_{n-1}; the final off-ramp stays exactly as good as plain fine-tuned BERT.
-After each stage the dev set is scored at every off-ramp (the paper's per-layer view), and the result
-is saved as one self-contained checkpoint directory that infer.py loads with no other flag.
+with L_1 + ... + L_{n-1}; the final off-ramp stays exactly as good as plain fine-tuned BERT. Each stage ends
+with every off-ramp's dev score; the result is one self-contained checkpoint folder that infer.py loads.
 
 Runs on CUDA when there is a GPU, and under `torchrun --nproc_per_node=N train.py ...` with
 DistributedDataParallel (each process takes every N-th example; only rank 0 prints and saves).
@@ -24,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from deebert.checkpoint import load_deebert, resolve, save_checkpoint
+from deebert.checkpoint import check_output_dir, load_deebert, resolve, save_checkpoint
 from deebert.config import BertConfig
 from deebert.device import pick_device
 from deebert.errors import DeeBertError
@@ -69,7 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--max_train_examples", type=int, default=None, help="train on a seeded random subset of this size (default: all)")
     p.add_argument("--max_eval_examples", type=int, default=None, help="score only the first N dev examples (default: all)")
     p.add_argument("--eval_batch_size", type=int, default=64, help="examples per batch when scoring the dev set")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="mixed precision on CUDA")
     p.add_argument("--log_every", type=int, default=50, help="print a progress line every N steps")
     args = p.parse_args(argv)
@@ -97,24 +96,12 @@ def check_args(args, max_positions: int):
     check_max_length(args.max_length, max_positions)
 
 
-def check_output_dir(output_dir: Path, overwrite: bool):
-    """Fail before training, not after: a non-empty folder needs --overwrite, and we must be able to write."""
-    if output_dir.exists() and not output_dir.is_dir():
-        raise DeeBertError(f"--output_dir {output_dir} is a file; pass a directory")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-        raise DeeBertError(f"--output_dir {output_dir} is not empty; pass --overwrite or another --output_dir")
-    parent = next(p for p in [output_dir, *output_dir.parents] if p.exists())
-    if not os.access(parent, os.W_OK):
-        raise DeeBertError(f"--output_dir {output_dir}: {parent} is not writable; choose another --output_dir")
-
-
 # ----------------------------------------------------------------------------------------------------
 # One training stage (the two losses and what each stage trains: deebert/stages.py)
 
 
 class StageLoss(nn.Module):
-    """One stage's loss as a module, so that DistributedDataParallel can wrap it (DDP syncs gradients of
-    the parameters that require them, in the forward pass it runs)."""
+    """One stage's loss as a module, for DistributedDataParallel to wrap (it syncs the gradients it sees)."""
 
     def __init__(self, model, loss_fn):
         super().__init__()
@@ -174,20 +161,12 @@ def weight_decay_groups(parameters, weight_decay: float) -> list:
 def linear_schedule(warmup_fraction: float, total_steps: int):
     """Learning-rate factor: rises linearly over the warm-up steps, then falls linearly to 0."""
     warmup = int(warmup_fraction * total_steps)
-
-    def factor(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-    return factor
+    return lambda step: (step + 1) / warmup if step < warmup else max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
 
 def epoch_order(n: int, seed: int, stage: int, epoch: int, run) -> list:
-    """A seeded shuffle, the same in every process; process r takes every world_size-th example from r.
-
-    The tail that does not divide by world_size is dropped, so every process takes the same number of steps.
-    """
+    """A seeded shuffle, the same in every process; process r takes every world_size-th example from r (the
+    tail that does not divide by world_size is dropped, so every process takes the same number of steps)."""
     generator = torch.Generator().manual_seed(seed * 1000 + stage * 100 + epoch)
     order = torch.randperm(n, generator=generator).tolist()
     order = order[: n - n % run.world_size]
@@ -204,15 +183,6 @@ def progress_line(stage, epoch, step, total_steps, mean_loss, seen, started) -> 
 def format_seconds(seconds: float) -> str:
     minutes, seconds = divmod(int(seconds), 60)
     return f"{minutes}m{seconds:02d}s"
-
-
-# ----------------------------------------------------------------------------------------------------
-# Evaluation: every off-ramp on the dev set
-
-
-def evaluate_off_ramps(model, examples, task, tokenizer, batch_size) -> list:
-    """The dev metric of every off-ramp, as if each were the only exit: one dict per layer."""
-    return per_layer_metrics(task, *full_pass(model, batches(tokenizer, examples, batch_size)))
 
 
 def per_layer_table(results: list, task, trained_layers: int) -> str:
@@ -242,12 +212,12 @@ class Run:
         self.device = pick_device(args.device)
         if self.world_size > 1:
             if self.device.type == "cuda":
-                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+                self.device = pick_device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}")  # more processes than GPUs: an error
                 torch.cuda.set_device(self.device)
                 dist.init_process_group("nccl", device_id=self.device)
             else:
                 dist.init_process_group("gloo")
-        self.tokenizer = None
+        self.tokenizer = None  # set once the checkpoint is known
 
     def log(self, message=""):
         if self.rank == 0:
@@ -256,10 +226,6 @@ class Run:
     def barrier(self):
         if self.world_size > 1:
             dist.barrier(device_ids=[self.device.index] if self.device.type == "cuda" else None)
-
-    def close(self):
-        if self.world_size > 1:
-            dist.destroy_process_group()
 
 
 def load_data(task, args, run):
@@ -302,7 +268,7 @@ def main(argv=None):
         stats = train_stage(stage, model, train, args, run)
         if run.rank == 0:
             started = time.perf_counter()
-            per_layer = evaluate_off_ramps(model, dev, task, run.tokenizer, args.eval_batch_size)
+            per_layer = per_layer_metrics(task, *full_pass(model, batches(run.tokenizer, dev, args.eval_batch_size)))
             run.log(f"\nstage {stage} done in {format_seconds(stats['seconds'])} "
                     f"({stats['examples_per_second']:.1f} examples/s); dev, every off-ramp "
                     f"({format_seconds(time.perf_counter() - started)}):")
@@ -318,7 +284,8 @@ def main(argv=None):
         example = '"premise" "hypothesis"' if task.is_pair else '"some text"'
         run.log(f"saved {output_dir}; try: python infer.py --model {output_dir} {example} --S 0.3")
     run.barrier()
-    run.close()
+    if run.world_size > 1:
+        dist.destroy_process_group()
     return model, results
 
 

@@ -175,11 +175,16 @@ def load_deebert(source, labels: list | None = None, pooling: str | None = None,
     return _load(source, DeeBert, dtype, adapt)
 
 
+def check_output_dir(output_dir: Path, overwrite: bool) -> None:
+    """A file, or a folder with something in it (unless overwrite), is no place to save: say so before any work."""
+    if output_dir.exists() and (not output_dir.is_dir() or (any(output_dir.iterdir()) and not overwrite)):
+        raise DeeBertError(f"{output_dir} is a file or not empty; pass --overwrite or another --output_dir")
+
+
 def save_checkpoint(model: DeeBert, tokenizer, output_dir, extra_json: dict | None = None, overwrite=False) -> Path:
     """Write a self-contained fine-tuned checkpoint, atomically (an interrupted save leaves the old one)."""
     output_dir = Path(output_dir)
-    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
-        raise DeeBertError(f"{output_dir} exists and is not empty; pass --overwrite or another --output_dir")
+    check_output_dir(output_dir, overwrite)
     tensors = {checkpoint_name(name): t.detach().float() if t.is_floating_point() else t
                for name, t in model.state_dict().items()}
     for kind in ("weight", "bias"):  # transformers' BertModel reads the last off-ramp's pooler as its pooler

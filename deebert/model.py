@@ -170,7 +170,7 @@ class OffRamp(nn.Module):
 
 
 class DeeBert(nn.Module):
-    """BERT with an off-ramp after every layer. The last off-ramp is BERT's ordinary classifier head."""
+    """BERT with an off-ramp after every layer; with [CLS] pooling the last is BERT's own classifier head."""
 
     def __init__(self, config: BertConfig):
         super().__init__()

@@ -1,13 +1,13 @@
-"""deebert/bench.py: every section's numbers have the right shape, on the tiny checkpoint, quickly.
+"""bench.py (the benchmark beside train.py): every section's numbers have the right shape on the tiny checkpoint,
+quickly, and `exit_rebatched` takes exactly the decisions of `early_exit`.
 
-Speed is never asserted (a test machine is shared and noisy); only structure: the sections are there,
-times are positive, medians lie between min and max, ratios are finite, and the expected saving is
-exactly exit.expected_saving of the exit layers.
+Speed is never asserted (a test machine is shared and noisy); only structure: the sections are there, times are
+positive, spreads and ratios finite where two rounds or more were timed. conftest's one_thread fixture runs every
+test on one thread.
 """
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,212 +15,199 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_deebert
-from deebert import bench
-from deebert.checkpoint import load_deebert, save_checkpoint
-from deebert.config import BertConfig
-from deebert.exit import entropy, exit_layers_from_entropies, expected_saving
-from deebert.glue import get_task, read_split
-from deebert.tokenizer import Tokenizer
-from deebert.tradeoff import encode_batches, full_pass
+import bench
+from conftest import fine_tuned, tiny_deebert, write_glue
+from deebert.exit import early_exit
+from test_exit import one_input, random_batch
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
-DEV_SENTENCES = ["the cat sat on the mat .", "a very good movie !", "not a bad dog", "the man eats food",
-                 "the woman runs", "a bad movie", "very very good", "the dog is not good , not at all ."]
 
 
 @pytest.fixture(autouse=True)
-def no_glue_and_no_cuda(monkeypatch, tmp_path):
-    """No real GLUE data, an empty GLUE cache, and CUDA calls that fail loudly: the CPU path must never
-    touch CUDA. (conftest's one_thread fixture runs every test on one thread.)"""
+def no_glue_no_runs_no_cuda(monkeypatch, tmp_path):
+    """No real GLUE data, an empty GLUE cache, no runs/ folder here, and CUDA calls that fail loudly: the CPU path
+    must never touch CUDA."""
     monkeypatch.delenv("GLUE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
     for name in ("synchronize", "get_device_name"):
         monkeypatch.setattr(torch.cuda, name, lambda *a, **k: pytest.fail("the CPU path called torch.cuda"))
 
 
 @pytest.fixture
-def transformers():
-    return pytest.importorskip("transformers")
-
-
-@pytest.fixture
 def glue_root(tmp_path) -> Path:
-    """A GLUE root with only SST-2/dev.tsv, in GLUE's format (header; sentence TAB label)."""
-    folder = tmp_path / "glue" / "SST-2"
-    folder.mkdir(parents=True)
-    rows = "".join(f"{text}\t{i % 2}\n" for i, text in enumerate(DEV_SENTENCES))
-    (folder / "dev.tsv").write_text("sentence\tlabel\n" + rows)
-    return folder.parent
+    return write_glue(tmp_path / "glue", n_train=40, n_dev=12)
 
 
 @pytest.fixture
-def fine_tuned(tmp_path) -> Path:
-    """conftest's tiny DeeBERT (off-ramps of different confidence), saved as train.py saves an SST-2 checkpoint."""
-    model = tiny_deebert(tmp_path / "tiny-deebert", labels=("0", "1"))
-    model.config.task = "sst-2"
-    return save_checkpoint(model, Tokenizer.from_dir(tmp_path / "tiny-deebert"), tmp_path / "fine-tuned")
+def checkpoint(tmp_path) -> Path:
+    return fine_tuned(tmp_path / "fine-tuned")  # an SST-2 DeeBERT, saved as train.py saves one
 
 
-def assert_stat(stat: dict):
-    assert stat["runs"] >= 1
-    assert 0 < stat["min"] <= stat["median"] <= stat["max"] < math.inf
+@pytest.fixture
+def transformers():
+    module = pytest.importorskip("transformers")
+    module.logging.set_verbosity_error()
+    return module
 
 
-def assert_ratio(value):
-    assert value is not None and 0 < value < math.inf
+def parse(*flags):
+    return bench.parse_args(["--quick", "--threads", "1", *map(str, flags)])
+
+
+def assert_stat(stat, rounds_timed=True):
+    assert stat["median"] > 0
+    assert 0 <= stat["spread"] < math.inf if rounds_timed else stat["spread"] == math.inf
 
 
 # ----------------------------------------------------------------------------------------------------
-# Small parts
+# exit_rebatched: full layer calls, the decisions of early_exit
 
 
-def test_summarize_and_rate_on_a_worked_example():
-    assert bench.summarize([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "runs": 3}
-    assert bench.rate([0.5, 2.0], count=4) == {"median": 5.0, "min": 2.0, "max": 8.0, "runs": 2}  # examples/s
-    assert bench.scaled([0.002, 0.004], 1000 / 2) == {"median": 1.5, "min": 1.0, "max": 2.0, "runs": 2}
+@pytest.fixture(scope="module", params=["cls", "mean"])
+def model(request, tmp_path_factory):
+    return tiny_deebert(tmp_path_factory.mktemp(request.param) / "tiny", pooling=request.param)
 
 
-def test_encoder_flops_of_bert_base_at_128_tokens():
-    """The textbook count: 12 layers x (2 x 128 x 7.08M matrix weights + 4 x 128^2 x 768) = 22.3 GFLOP."""
-    flops = bench.encoder_flops(BertConfig(), B=1, T=128)
-    assert flops == 12 * (2 * 128 * (4 * 768 * 768 + 2 * 768 * 3072) + 4 * 128 * 128 * 768)
-    assert 22.0e9 < flops < 22.5e9
-    assert bench.encoder_flops(BertConfig(), B=8, T=128) == 8 * flops
+@pytest.mark.parametrize("S", [0.0, 0.1, 0.3, 0.5, 1.0])
+def test_exit_rebatched_gives_the_exits_and_logits_of_early_exit_on_each_example_alone(model, S):
+    batch = random_batch(size=30)  # mixed lengths, right-padded; cut into batches of 8, 8, 8 and 6
+    chunks = [{k: batch[k][i : i + 8] for k in ("input_ids", "token_type_ids", "attention_mask")} for i in range(0, 30, 8)]
+    result = bench.exit_rebatched(model, chunks, S)
+    assert result.logits.shape == (30, 2) and result.entropies.shape == (30, 3)
+    for k in range(30):
+        alone = early_exit(model, *one_input(batch, k), S=S)
+        assert int(result.exit_layers[k]) == alone.exit_layer
+        torch.testing.assert_close(result.logits[k], alone.logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(result.entropies[k, : alone.exit_layer], torch.tensor(alone.entropies), atol=1e-5, rtol=0)
+        assert result.entropies[k, alone.exit_layer :].isnan().all()
 
 
-def test_peak_tflops_from_the_table_or_the_flag(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
-    assert bench.peak_tflops("cuda", "bf16", None) == 989.0
-    assert bench.peak_tflops("cuda", "bf16", 500.0) == 500.0
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
-    assert bench.peak_tflops("cuda", "fp32", None) is None
-
-
-def test_pad_to_pads_ids_types_and_mask_with_zeros():
-    batch = {"input_ids": torch.tensor([[2, 7, 3]]), "token_type_ids": torch.tensor([[0, 0, 0]]),
-             "attention_mask": torch.tensor([[1, 1, 1]])}
-    padded = bench.pad_to(batch, 5)
-    assert padded["input_ids"].tolist() == [[2, 7, 3, 0, 0]] and padded["attention_mask"].tolist() == [[1, 1, 1, 0, 0]]
-
-
-def test_the_gpu_section_is_skipped_on_the_cpu(tiny_checkpoint):
-    assert "skipped" in bench.bench_gpu(tiny_checkpoint, None, CPU, None, [8], 1, 0, None)
-
-
-def test_without_a_checkpoint_the_exit_section_says_how_to_make_one(tiny_checkpoint, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # no runs/sst-2 here
-    args = bench.parse_args(["--quick", "--model", str(tiny_checkpoint)])
-    result = bench.run_section("exit", args, CPU, None)
-    assert "python train.py" in result["skipped"]
+def test_exit_rebatched_exits_at_every_layer_somewhere(model):
+    """The equality above means something only if examples leave at different layers and regroup."""
+    batch = random_batch(size=30)
+    chunks = [{k: batch[k][i : i + 8] for k in ("input_ids", "token_type_ids", "attention_mask")} for i in range(0, 30, 8)]
+    layers = set()
+    for S in (0.1, 0.3, 0.5):
+        layers |= set(bench.exit_rebatched(model, chunks, S).exit_layers.tolist())
+    assert layers == {1, 2, 3}
 
 
 # ----------------------------------------------------------------------------------------------------
 # The sections, on the tiny checkpoints
 
 
-def test_forward_section(tiny_checkpoint, transformers):
-    result = bench.bench_forward(tiny_checkpoint, None, CPU, bench.import_transformers(True), repeats=2, warmup=1, pairs=3)
+def test_forward_section_against_transformers(tiny_checkpoint, transformers):
+    result = bench.bench_forward(parse("--model", tiny_checkpoint), CPU, transformers)
     assert result["source"] == "built-in pairs"  # no GLUE here
-    for key in ("batch_1", "batch_32"):
-        assert_stat(result[key]["ours"])
-        assert_stat(result[key]["theirs"])
-        assert_ratio(result[key]["ratio"])
-    assert result["batch_32"]["tokens"] == 64  # the tiny checkpoint has 64 positions, not 128
+    assert [(r["dtype"], r["batch_size"]) for r in result["rows"]] == [("fp32", 1), ("fp32", 32)]
+    assert result["rows"][1]["tokens"] == 64  # padded to the tiny checkpoint's 64 positions, not 128
+    for row in result["rows"]:
+        for key in ("ours", "theirs", "ratio"):
+            assert_stat(row[key])
+        assert row["tflops"]["ours"] > 0 and row["peak_tflops"] is None  # no peak for a CPU
     assert result["max_abs_difference"] < 1e-5  # the same computation as transformers
 
 
-def test_early_exit_section(fine_tuned, glue_root, transformers):
-    S_values = [0.0, 0.3, 1.0]  # never early; some early; everyone at layer 1 (1.0 > ln 2)
-    result = bench.bench_early_exit(fine_tuned, glue_root, CPU, bench.import_transformers(True), S_values,
-                                    repeats=2, warmup=1, examples=6, batch_size=4)
-    assert (result["task"], result["examples"], result["num_layers"]) == ("sst-2", 6, 3)
-    for stat in result["full_ms_per_example"].values():
-        assert_stat(stat)
+def test_forward_section_ours_only_on_rte_dev(tiny_checkpoint, glue_root):
+    result = bench.bench_forward(parse("--model", tiny_checkpoint, "--data_dir", glue_root), CPU, None)
+    assert result["source"] == "RTE dev"
+    assert all(set(row) >= {"ours"} and "theirs" not in row and "ratio" not in row for row in result["rows"])
+    assert "max_abs_difference" not in result
 
-    # The expected saving, recomputed on its own: one full pass, exit layers per S, exit.expected_saving.
-    model = load_deebert(fine_tuned)
-    dev = read_split(get_task("sst-2"), glue_root, "dev")[:6]
-    logits, _ = full_pass(model, encode_batches(Tokenizer.from_dir(fine_tuned), dev, 4))
-    for row, S in zip(result["thresholds"], S_values):
-        exit_layers = exit_layers_from_entropies(entropy(logits), S)
-        assert row["S"] == S
-        assert row["expected_saving"] == pytest.approx(expected_saving(exit_layers, 3))
-        assert row["exits_per_layer"] == [int((exit_layers == i).sum()) for i in (1, 2, 3)]
-        for key in ("batch_1", "batch_4", "hf_batch_1"):
-            assert_stat(row[key]["ms_per_example"])
-            assert math.isfinite(row[key]["measured_saving"])
-            ratio = row[key]["measured_over_expected"]
-            assert (ratio is None) == (row["expected_saving"] == 0) and (ratio is None or math.isfinite(ratio))
-        assert_ratio(row["hf_batch_1"]["ratio"])
-    assert result["thresholds"][0]["expected_saving"] == 0  # S = 0 never exits early
-    assert 0 < result["thresholds"][1]["expected_saving"] < 2 / 3  # S = 0.3: some exit early, not all at layer 1
-    assert result["thresholds"][2]["exits_per_layer"] == [6, 0, 0]  # S > ln 2 always exits at layer 1
-    assert result["thresholds"][2]["expected_saving"] == pytest.approx(2 / 3)
+
+def test_exit_section(checkpoint, glue_root):
+    args = parse("--checkpoint", checkpoint, "--data_dir", glue_root, "--S", 0, 0.3, 1.0, "--examples", 12)
+    result = bench.bench_exit(args, CPU, batch_size=4)
+    assert (result["task"], result["examples"]) == ("sst-2", 12)
+    assert list(result["wall_clock"]) == ["batch 1, data order", "batch 1, sorted", "batch 4, data order", "batch 4, sorted"]
+    for rows in result["wall_clock"].values():  # measure_wall_clock's rows: the full model, then each S
+        assert [row["S"] for row in rows] == [None, 0.0, 0.3, 1.0] and rows[0]["seconds"] > 0
+        assert rows[1]["expected_saving"] == 0  # S = 0 never exits early
+        assert rows[3]["expected_saving"] == pytest.approx(2 / 3)  # S > ln 2: everyone at layer 1 of 3
+        assert all(math.isfinite(row["measured_saving"]) and math.isfinite(row["spread"]) for row in rows)
+    assert [row["S"] for row in result["full_layer_calls"]] == [0.0, 0.3, 1.0]
+    assert_stat(result["full_sorted_over_data_order"])  # the full model on sorted batches against data order, paired
+    for row in result["full_layer_calls"]:
+        assert_stat(row["ratio"])
+        for key in ("early_exit_batch", "full_layer_calls"):
+            assert math.isfinite(row[key]["median"]) and 0 <= row[key]["spread"] < math.inf
 
 
 def test_training_section(tiny_checkpoint, glue_root, transformers):
-    result = bench.bench_training(tiny_checkpoint, glue_root, CPU, bench.import_transformers(True), steps=2, warmup=1, batch_size=4)
-    assert result["source"].startswith("built-in pairs")  # SST-2 here has no train.tsv
-    assert_stat(result["stage_1"]["ours"])
-    assert_stat(result["stage_1"]["theirs"])
-    assert_ratio(result["stage_1"]["ratio"])
+    result = bench.bench_train(parse("--model", tiny_checkpoint, "--data_dir", glue_root), CPU, transformers)
+    assert result["source"] == "sst-2"  # SST-2 train first
+    for key in ("ours", "theirs", "ratio"):
+        assert_stat(result["stage_1"][key])
     assert_stat(result["stage_2"]["ours"])
-    assert result["stage_1"]["ours"]["runs"] == 2
+    assert "theirs" not in result["stage_2"]
 
 
-def test_loading_section_ours_only(tiny_checkpoint):
-    result = bench.bench_loading(tiny_checkpoint, None, repeats=1)
-    assert_stat(result["ours"]["seconds"])
-    assert_stat(result["ours"]["import_and_load_seconds"])
-    assert result["ours"]["load_peak_mb"] >= 0 and result["ours"]["total_peak_mb"] > 0
-    assert 0 < result["weights"]["parameters_mb"] <= result["weights"]["file_mb"]
-    assert "theirs" not in result
+def test_training_without_data_uses_the_built_in_pairs(tiny_checkpoint):
+    result = bench.bench_train(parse("--model", tiny_checkpoint), CPU, None)
+    assert result["source"] == "built-in pairs, made-up labels"
+    assert_stat(result["stage_1"]["ours"])
+    assert_stat(result["stage_2"]["ours"])
 
 
 # ----------------------------------------------------------------------------------------------------
 # The command line
 
 
-def test_the_command_line_quick_run_writes_every_section(tiny_checkpoint, fine_tuned, glue_root, tmp_path):
+def test_the_quick_command_line_writes_every_section(tiny_checkpoint, checkpoint, glue_root, tmp_path, capsys):
     out = tmp_path / "out" / "bench.json"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run(
-        [sys.executable, "-m", "deebert.bench", "--quick", "--threads", "1", "--model", str(tiny_checkpoint),
-         "--checkpoint", str(fine_tuned), "--data_dir", str(glue_root), "--json", str(out)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    assert bench.main(["--quick", "--threads", "1", "--no_transformers", "--model", str(tiny_checkpoint),
+                       "--checkpoint", str(checkpoint), "--data_dir", str(glue_root), "--json", str(out)]) == 0
     results = json.loads(out.read_text())
     assert list(results) == ["machine", "settings", "forward", "exit", "train", "load", "gpu"]
     for section in ("forward", "exit", "train", "load"):
         assert "skipped" not in results[section], results[section]
-    assert "skipped" in results["gpu"]
-    assert results["machine"]["threads"] == 1 and results["machine"]["torch"] == torch.__version__
-    assert_ratio(results["load"]["ratio"]["seconds"])
-    assert os.listdir(out.parent) == ["bench.json"]  # the temporary file was renamed, not left behind
-    for heading in ("1. forward", "2. early exit", "3. training", "4. loading", "5. gpu: skipped"):
-        assert heading in done.stdout
+    assert results["gpu"] == {"skipped": "the device is cpu, not CUDA"}
+    assert results["machine"]["transformers"] is None and results["settings"]["quick"] is True
+    load = results["load"]  # --quick: one fresh process for ours, none for transformers
+    assert list(load) == ["ours"] and load["ours"]["peak_growth_mb"]["median"] >= 0
+    for key in ("seconds", "process_peak_mb"):
+        assert_stat(load["ours"][key], rounds_timed=False)  # one process: no spread (infinite)
+    assert [p.name for p in out.parent.iterdir()] == ["bench.json"]  # written atomically: no temporary left
+    stdout = capsys.readouterr().out
+    for heading in ("1. forward", "2. exit", "3. train", "4. load", "5. gpu", "below 1 we are faster"):
+        assert heading in stdout
 
 
-def test_a_missing_model_directory_exits_with_code_2_and_one_error_line(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "deebert.bench", "--quick", "--model", str(tmp_path / "missing")],
-                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2
-    assert done.stderr.startswith("error: --model ") and "no such directory" in done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1  # no traceback
+def test_the_default_checkpoint_is_runs_sst_2(tmp_path):
+    fine_tuned(tmp_path / "runs")  # the working directory is tmp_path: runs/sst-2 is where train.py saves
+    assert parse("--sections", "exit").checkpoint == "runs/sst-2"
+
+
+def test_without_a_checkpoint_the_exit_section_says_how_to_make_one_and_the_gpu_section_skips(tiny_checkpoint, capsys):
+    assert bench.main(["--quick", "--sections", "exit,gpu", "--device", "cpu", "--model", str(tiny_checkpoint)]) == 0
+    out = capsys.readouterr().out
+    assert "2. exit\n   skipped: no --checkpoint" in out and "python train.py" in out
+    assert "5. gpu\n   skipped: the device is cpu, not CUDA" in out
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--model", "{tmp}/missing"], "no such directory"),
-    (["--repeats", "0"], "--repeats must be at least 1"),
-    (["--sections", "forward,speed"], "unknown 'speed'"),
-    (["--sections", "exit", "--checkpoint", "{tiny}"], "no off-ramps"),  # a pretrained BERT is not fine-tuned
+    (["--model", "{tmp}/missing"], "not found"),
+    (["--data_dir", "{tmp}/missing"], "--data_dir"),
+    (["--sections", "forward,speed"], "--sections"),
+    (["--threads", "0"], "at least 1"),
+    (["--threads", "two"], "invalid int value"),
+    (["--S", "-1"], "must be a number >= 0"),
+    (["--speed"], "unrecognized arguments: --speed"),
+    (["--device", "tpu"], "--device tpu"),
+    (["--sections", "exit", "--checkpoint", "{tiny}"], "names no task"),  # a pretrained BERT is not fine-tuned
 ])
-def test_bad_input_is_one_error_line_and_exit_code_2(flags, message, tiny_checkpoint, tmp_path, capsys):
+def test_bad_input_is_one_error_line_and_exit_code_2_before_any_work(flags, message, tiny_checkpoint, tmp_path, capsys):
     flags = [f.format(tmp=tmp_path, tiny=tiny_checkpoint) for f in flags]
-    if "--model" not in flags:
-        flags += ["--model", str(tiny_checkpoint)]
-    assert bench.main(["--quick", "--no_transformers", *flags]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+    assert bench.main(["--quick", "--no_transformers", "--model", str(tiny_checkpoint), *flags]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: ") and message in captured.err, captured.err
+    assert len(captured.err.strip().splitlines()) == 1 and captured.out == ""  # nothing ran
+
+
+def test_from_the_shell_a_bad_flag_is_one_line_and_exit_code_2(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "bench.py"), "--quick", "--model", str(tmp_path / "missing")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith("error: ") and len(done.stderr.strip().splitlines()) == 1, done.stderr

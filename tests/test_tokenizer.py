@@ -72,3 +72,15 @@ def test_lowercase_follows_the_checkpoint(tiny_checkpoint):
     assert cased.encode("The").tokens == ["[CLS]", "[UNK]", "[SEP]"]
     uncased = wordpiece_from_vocab(tiny_checkpoint / "vocab.txt", lowercase=True)
     assert uncased.encode("The").tokens == ["[CLS]", "the", "[SEP]"]
+
+
+def test_by_length_orders_inputs_by_their_real_tokens(tiny_checkpoint):
+    """Padding must not count: the backend pads every encode_batch to its longest input."""
+    from deebert.glue import Example
+    from deebert.tokenizer import batches, by_length
+    tokenizer = Tokenizer.from_dir(tiny_checkpoint)
+    examples = [Example(text, None, None) for text in ["the cat sat on the mat", "a dog", "the man eats food"]]
+    order = by_length(tokenizer, examples)
+    assert order == [1, 2, 0]
+    shapes = [tuple(b["input_ids"].shape) for b in batches(tokenizer, examples, 2, order)]
+    assert shapes == [(2, 6), (1, 8)]  # "a dog" with "the man eats food", then the longest alone

@@ -4,10 +4,16 @@
   from $MODEL runs twice: on a tiny random BERT (always; outputs not compared, its numbers differ) and on
   the real all-MiniLM-L6-v2 (when installed; each ```text block right after a python block must equal
   what the block printed, a line `...` standing for lines left out). Other chapters run once, compared.
-- ```console and ```bash commands run in reading order, chapter after chapter, in one scratch copy of the
-  repository, where $MODEL is a tiny random BERT and $GLUE_DIR a tiny synthetic SST-2 and RTE: cheap, and
-  `runs/` is the scratch copy's. Each must exit 0; after `<!-- shows an error -->`, each must fail with
-  the `error:` line shown. The output shown after a command comes from the real run the chapter describes.
+- ```console and ```bash commands run in reading order, one test per chapter, all in one scratch copy of
+  the repository, where $MODEL is a tiny random BERT and $GLUE_DIR a tiny synthetic SST-2 and RTE: cheap,
+  and `runs/` is the scratch copy's, so a later chapter finds what an earlier one trained (a chapter's test
+  first runs the chapters before it, once, if they have not run yet). Each command must exit 0; after
+  `<!-- shows an error -->`, each must fail with the `error:` line shown. A chapter's test reports every
+  command that failed, not only the first. The output shown after a command comes from the real run the
+  chapter describes.
+- Every figure a chapter shows, `![...](figures/NAME.png)`, must exist and be of a kind that
+  `python figures.py` draws (`<kind>-<run>.png`), checked by running it in the scratch copy after the
+  chapters' commands.
 - `<!-- quote: FILE -->` blocks must appear verbatim in FILE; `<!-- not run: why -->` blocks are counted
   against NOT_RUN below, so that nothing is skipped silently.
 The markers are described in tests/helpers/markdown.py.
@@ -30,7 +36,7 @@ from conftest import TINY_VOCAB, minilm_path, tiny_config
 from deebert import safetensors
 from deebert.checkpoint import checkpoint_name
 from deebert.model import BertModel, init_weights
-from helpers.markdown import LANGUAGES, excerpt_found, matches, read_blocks, shell_commands
+from helpers.markdown import LANGUAGES, excerpt_found, images, matches, read_blocks, shell_commands
 
 ROOT = Path(__file__).resolve().parents[1]
 TUTORIAL = ROOT / "tutorial"
@@ -100,11 +106,12 @@ def tiny(tmp_path_factory) -> dict:
 # The chapters exist, the index links them, the blocks are well formed
 
 
-def test_every_chapter_exists_and_the_tutorial_index_links_each():
+def test_every_chapter_exists_and_the_tutorial_index_links_each_and_the_exercises():
     assert existing_chapters() == CHAPTERS
     index = (TUTORIAL / "README.md").read_text(encoding="utf-8")
     for name in CHAPTERS:
         assert f"]({name})" in index, f"tutorial/README.md does not link {name}"
+    assert "](exercises/README.md)" in index, "tutorial/README.md does not link the exercises"
 
 
 def test_the_readme_links_every_chapter():
@@ -196,22 +203,27 @@ def test_python_blocks_run_and_print_what_the_chapter_shows(name, model, tiny, t
 
 
 # ----------------------------------------------------------------------------------------------------
-# Shell blocks
+# Shell blocks: one test per chapter, in reading order, in one scratch copy of the repository
+
+SCRATCH_DIRS = ("deebert", "tests", "tutorial/exercises")  # tutorial/exercises: chapter 0 runs its check
+SCRATCH_FILES = ("train.py", "infer.py", "bench.py", "figures.py", "pytest.ini", "requirements.txt",
+                 "requirements-test.txt")
 
 
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory, tiny) -> dict:
-    """A scratch copy of the repository (runs/ lands there), and the environment the commands see."""
+    """A scratch copy of the repository (runs/ lands there), the environment the commands see, and
+    `failures`: for each chapter whose commands have run, the messages of those that failed."""
     work = tmp_path_factory.mktemp("work")
     skip = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for name in ("deebert", "tests"):
+    for name in SCRATCH_DIRS:
         shutil.copytree(ROOT / name, work / name, ignore=skip)
-    for name in ("train.py", "infer.py", "pytest.ini", "requirements.txt", "requirements-test.txt"):
+    for name in SCRATCH_FILES:
         shutil.copy(ROOT / name, work / name)
     env = {**os.environ, "MODEL": str(tiny["model"]), "GLUE_DIR": str(tiny["glue"]), "OMP_NUM_THREADS": "1",
            "MPLBACKEND": "Agg", "HF_HUB_OFFLINE": "1"}
     env.pop("PYTHONPATH", None)
-    return {"cwd": work, "env": env}
+    return {"cwd": work, "env": env, "failures": {}}
 
 
 def run_shell(command: str, sandbox: dict) -> subprocess.CompletedProcess:
@@ -219,21 +231,66 @@ def run_shell(command: str, sandbox: dict) -> subprocess.CompletedProcess:
                           text=True, timeout=240)
 
 
-def test_shell_commands_run_in_reading_order(sandbox):
-    ran = 0
-    for name in existing_chapters():
-        for block in chapter_blocks(name):
-            if block.language not in ("console", "bash") or block.marker == "not run":
-                continue
-            for command, shown in shell_commands(block):
-                done = run_shell(command, sandbox)
-                where = f"{block.where(TUTORIAL / name)}: $ {command}"
-                output = done.stdout + done.stderr
-                if block.marker == "shows an error":
-                    assert done.returncode != 0, f"{where}\nshould fail but exited 0:\n{output[-2000:]}"
-                    for line in (line for line in shown if line.startswith("error:")):
-                        assert line in output, f"{where}\nshould print\n{line}\nbut printed\n{output[-2000:]}"
-                else:
-                    assert done.returncode == 0, f"{where}\nexited {done.returncode}:\n{output[-3000:]}"
-                ran += 1
-    assert ran > 0
+def commands(name: str) -> list:
+    """(block, command, output shown) for every command of the chapter that is run, in reading order."""
+    return [(block, command, shown) for block in chapter_blocks(name)
+            if block.language in ("console", "bash") and block.marker != "not run"
+            for command, shown in shell_commands(block)]
+
+
+def run_chapter(name: str, sandbox: dict) -> list:
+    """Run the chapter's commands in the scratch copy, once; return what failed, one message per command."""
+    if name not in sandbox["failures"]:
+        failures = []
+        for block, command, shown in commands(name):
+            done = run_shell(command, sandbox)
+            where = f"{block.where(TUTORIAL / name)}: $ {command}"
+            output = done.stdout + done.stderr
+            if block.marker == "shows an error":
+                if done.returncode == 0:
+                    failures.append(f"{where}\nshould fail but exited 0:\n{output[-1500:]}")
+                for line in (line for line in shown if line.startswith("error:")):
+                    if line not in output:
+                        failures.append(f"{where}\nshould print\n{line}\nbut printed\n{output[-1500:]}")
+            elif done.returncode != 0:
+                failures.append(f"{where}\nexited {done.returncode}:\n{output[-2500:]}")
+        sandbox["failures"][name] = failures
+    return sandbox["failures"][name]
+
+
+@pytest.mark.parametrize("name", [name for name in CHAPTERS if commands(name)])
+def test_shell_commands_of_each_chapter_run_in_reading_order(name, sandbox):
+    earlier = CHAPTERS[: CHAPTERS.index(name)]
+    broken = [before for before in earlier if run_chapter(before, sandbox)]  # runs those not yet run
+    failures = run_chapter(name, sandbox)
+    note = f"\n\n(commands of earlier chapters failed too, which may explain it: {', '.join(broken)})" if broken else ""
+    assert not failures, "\n\n".join(failures) + note
+
+
+# ----------------------------------------------------------------------------------------------------
+# Figures: shown, present, and drawn by figures.py
+
+RUN = "sst-2"  # figures.py draws from runs/sst-2 by default, and names its files <kind>-sst-2.png
+
+
+@pytest.fixture(scope="module")
+def drawn_kinds(sandbox) -> set:
+    """The kinds of figure `python figures.py` draws ("model", "off-ramps", ...) from the runs the chapters'
+    commands made in the scratch copy."""
+    for name in CHAPTERS:
+        run_chapter(name, sandbox)
+    done = run_shell("python figures.py", sandbox)
+    assert done.returncode == 0, f"python figures.py failed in the scratch copy:\n{(done.stdout + done.stderr)[-2500:]}"
+    written = sorted(path.name for path in (sandbox["cwd"] / "tutorial" / "figures").glob("*.png"))
+    assert written, f"python figures.py wrote no figure:\n{done.stdout}"
+    return {name.removesuffix(f"-{RUN}.png") for name in written}
+
+
+@pytest.mark.parametrize("name", [name for name in CHAPTERS if images(TUTORIAL / name)])
+def test_every_figure_a_chapter_shows_exists_and_is_drawn_by_figures_py(name, drawn_kinds):
+    for target in images(TUTORIAL / name):
+        assert re.fullmatch(r"figures/[\w.-]+\.png", target), f"{name} shows {target}; figures live in figures/*.png"
+        assert (TUTORIAL / target).is_file(), f"{name} shows {target}, which does not exist; run python figures.py"
+        kind = next((kind for kind in drawn_kinds if target.removeprefix("figures/").startswith(kind + "-")), None)
+        assert kind, (f"{name} shows {target}, which python figures.py does not draw; it draws "
+                      f"{', '.join(sorted(drawn_kinds))} (as <kind>-<run>.png)")

@@ -14,6 +14,9 @@ A marker is an HTML comment on the last non-blank line before a block (invisible
                                        A line `...` stands for lines left out.
     <!-- not run: needs a GPU -->     the block is not run; the test counts these, per chapter
     <!-- shows an error -->           the commands must FAIL, and the block's `error:` line must appear
+
+A fence must start its line and name only a language: another (indented in a list item, or ```python x)
+would be invisible to these checks, so `read_blocks` refuses it. `images` lists the pictures a chapter shows, `![what it shows](figures/NAME.png)`.
 """
 
 import re
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 FENCE = re.compile(r"^```(\S*)\s*$")
+IMAGE = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)")
 MARKER = re.compile(r"^<!--\s*(quote|not run|shows an error)\s*(?::\s*(.*?))?\s*-->$")
 LANGUAGES = ("python", "text", "console", "bash")
 
@@ -47,6 +51,9 @@ def read_blocks(path) -> list[Block]:
     while i < len(lines):
         fence = FENCE.match(lines[i])
         if not fence:
+            if lines[i].lstrip().startswith("```"):
+                raise ValueError(f"{Path(path).name}:{i + 1}: a code fence the tests cannot read: start it at the "
+                                 "line's beginning, with only a language after the backticks")
             if lines[i].strip():
                 last = lines[i].strip()
             i += 1
@@ -69,6 +76,11 @@ def read_blocks(path) -> list[Block]:
         last = block
         i += 1
     return blocks
+
+
+def images(path) -> list[str]:
+    """The targets of a Markdown file's images, in order: ["figures/model-sst-2.png", ...]."""
+    return IMAGE.findall(Path(path).read_text(encoding="utf-8"))
 
 
 def shell_commands(block: Block) -> list[tuple[str, list[str]]]:
