@@ -29,18 +29,19 @@ except ImportError:  # infer.py --eval then writes its CSV only
 def draw_tradeoff(axes, rows: list[dict], metric: str) -> None:
     """Figure 2: the metric (%) against the expected saving (%), one point per S; S values that land on
     the same spot share one label, so the labels near S = 0 do not print over each other."""
+    axes.margins(y=0.35)  # room above the points for their labels
     points = [row for row in rows if row["S"] is not None]
     x = [100 * row["expected_saving"] for row in points]
     y = [100 * row[metric] for row in points]
     axes.plot(x, y, "o-")
-    labels = []  # [x, y, text]
+    labels, width = [], max(x) - min(x) or 1.0  # [x, y, text]
     for row, xi, yi in zip(points, x, y):
-        if labels and abs(labels[-1][0] - xi) < 4 and abs(labels[-1][1] - yi) < 1:
+        if labels and abs(labels[-1][0] - xi) < 0.03 * width and abs(labels[-1][1] - yi) < 1:
             labels[-1][2] += f", {row['S']:g}"
         else:
             labels.append([xi, yi, f"S={row['S']:g}"])
-    for xi, yi, text in labels:
-        axes.annotate(text, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    for xi, yi, text in labels:  # slanted, so that neighbouring labels do not run into each other
+        axes.annotate(text, (xi, yi), textcoords="offset points", xytext=(2, 4), fontsize=7, rotation=35)
     full = next(row for row in rows if row["S"] is None)
     axes.axhline(100 * full[metric], linestyle="--", color="grey", linewidth=1, label="full model")
     axes.legend(loc="lower left", fontsize=8)

@@ -130,7 +130,7 @@ def early_exit(model, input_ids, token_type_ids=None, attention_mask=None, S: fl
         entropies = []
         for i in range(1, n + 1):
             h = model.encoder.layers[i - 1](h, mask)  # (1, T, H)
-            z = model.off_ramps[i - 1](h, attention_mask)  # (1, C): logits of off-ramp i
+            z = model.off_ramps[i - 1](h, None if mask is None else attention_mask)  # (1, C): logits of off-ramp i
             e = entropy(z).item()  # a float32 value, as early_exit_batch compares
             entropies.append(e)
             if e < S:  # confident enough: exit here
@@ -179,7 +179,7 @@ def early_exit_batch(model, input_ids, token_type_ids=None, attention_mask=None,
         h = model.encoder.embeddings(input_ids, token_type_ids)  # (B, T, H)
         for i in range(1, n + 1):
             h = model.encoder.layers[i - 1](h, mask)  # (b, T, H)
-            z = model.off_ramps[i - 1](h, attention_mask)  # (b, C)
+            z = model.off_ramps[i - 1](h, None if mask is None else attention_mask)  # (b, C)
             e = entropy(z)  # (b,)
             if logits is None:
                 logits = torch.empty(B, z.shape[1], dtype=z.dtype, device=device)
@@ -249,8 +249,7 @@ def exit_many(model, batches, S: float) -> list:
             results.append(early_exit_batch(model, *inputs, S=S))
             continue
         one = early_exit(model, *inputs, S=S)
-        entropies = torch.full((1, model.num_layers), float("nan"))
-        entropies[0, : one.exit_layer] = torch.tensor(one.entropies)
+        entropies = torch.tensor([one.entropies + [math.nan] * (model.num_layers - one.exit_layer)])  # (1, n)
         results.append(BatchExitResult(one.logits[None], torch.tensor([one.exit_layer]), entropies))
     return results
 

@@ -161,6 +161,8 @@ class OffRamp(nn.Module):
     def pool(self, hidden, attention_mask):
         if self.pooling == "cls":
             return hidden[:, 0]  # (B, T, H) -> (B, H)
+        if attention_mask is None:  # no padding: one op, not five (it counts at batch 1, once per layer)
+            return hidden.mean(dim=1)  # (B, T, H) -> (B, H)
         weights = attention_mask.to(hidden.dtype).unsqueeze(-1)  # (B, T) -> (B, T, 1)
         return (hidden * weights).sum(1) / weights.sum(1)  # (B, T, H) -> (B, H)
 
@@ -184,8 +186,6 @@ class DeeBert(nn.Module):
 
     def off_ramp_logits(self, hidden_states, attention_mask) -> list:
         """Every off-ramp on its own layer's output: a list of n tensors (B, C)."""
-        if attention_mask is None:
-            attention_mask = torch.ones(hidden_states[0].shape[:2], device=hidden_states[0].device)
         return [ramp(h, attention_mask) for ramp, h in zip(self.off_ramps, hidden_states)]
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None) -> list:

@@ -119,7 +119,8 @@ def certify_S(all_logits, epsilon: float, delta: float, S_values=PAPER_THRESHOLD
 # 3. Wall clock: true early exit against the full model
 
 
-def _seconds(run, batch, device) -> float:
+def seconds_of(run, batch, device) -> float:
+    """Wall-clock seconds of run(batch)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # GPU work is asynchronous: wait for it before reading the clock
     start = time.perf_counter()
@@ -129,7 +130,7 @@ def _seconds(run, batch, device) -> float:
     return time.perf_counter() - start
 
 
-def _spread(values: list) -> float:
+def half_iqr(values: list) -> float:
     """Half the interquartile range: how far a typical round lies from the median."""
     if len(values) < 2:
         return math.inf
@@ -166,11 +167,11 @@ def measure_wall_clock(model, batches, S_values=PAPER_THRESHOLDS, budget_seconds
         totals = dict.fromkeys(runs, 0.0)
         for batch in batches:
             for key in order:
-                totals[key] += _seconds(runs[key], batch, device)
+                totals[key] += seconds_of(runs[key], batch, device)
         for key in runs:
             seconds[key].append(totals[key])
         ratios = [[t / full for t, full in zip(seconds[S], seconds[None])] for S in S_values]
-        precise = all(_spread(r) / math.sqrt(len(r)) <= target for r in ratios)
+        precise = all(half_iqr(r) / math.sqrt(len(r)) <= target for r in ratios)
         if round_ + 1 >= min_rounds and (precise or time.perf_counter() - started > budget_seconds):
             break
     batch_size = max(len(batch["input_ids"]) for batch in batches)
@@ -178,7 +179,7 @@ def measure_wall_clock(model, batches, S_values=PAPER_THRESHOLDS, budget_seconds
              "spread": 0.0, "expected_saving": 0.0, "ratio": None, "rounds": len(seconds[None])}]
     for S, r in zip(S_values, ratios):
         savings = [1 - x for x in r]
-        measured, spread = statistics.median(savings), _spread(savings)
+        measured, spread = statistics.median(savings), half_iqr(savings)
         rows.append({"S": S, "batch_size": batch_size, "seconds": statistics.median(seconds[S]),
                      "measured_saving": measured, "spread": spread, "expected_saving": expected[S],
                      "ratio": measured / expected[S] if expected[S] > 0 else None, "rounds": len(savings)})

@@ -21,7 +21,6 @@ The markers are described in tests/helpers/markdown.py.
 
 import contextlib
 import io
-import json
 import os
 import re
 import shutil
@@ -30,12 +29,8 @@ import traceback
 from pathlib import Path
 
 import pytest
-import torch
 
-from conftest import TINY_VOCAB, minilm_path, tiny_config
-from deebert import safetensors
-from deebert.checkpoint import checkpoint_name
-from deebert.model import BertModel, init_weights
+from conftest import minilm_path, write_glue, write_tiny_checkpoint
 from helpers.markdown import LANGUAGES, excerpt_found, images, matches, read_blocks, shell_commands
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,44 +57,12 @@ def existing_chapters() -> list:
 # Tiny stand-ins: a random BERT with room for 512 positions, and a synthetic GLUE folder
 
 
-def write_tiny_bert(directory: Path) -> Path:
-    """A random 3-layer BERT named as all-MiniLM-L6-v2 names its tensors, with vocab.txt; 512 positions,
-    so that train.py and infer.py run with their default --max_length 128."""
-    torch.manual_seed(0)
-    config = tiny_config(max_position_embeddings=512)
-    model = BertModel(config)
-    model.apply(init_weights)
-    with torch.no_grad():  # attention that depends on the input, so that off-ramps see different [CLS] vectors
-        model.encoder.embeddings.word_embeddings.weight.mul_(50)
-    directory.mkdir(parents=True, exist_ok=True)
-    safetensors.save_file({checkpoint_name(k): v for k, v in model.state_dict().items()}, directory / "model.safetensors")
-    values = {k: v for k, v in config.to_dict().items() if k not in ("task", "labels", "off_ramp_pooling")}
-    (directory / "config.json").write_text(json.dumps(values))
-    (directory / "vocab.txt").write_text("\n".join(TINY_VOCAB) + "\n")
-    return directory
-
-
-GOOD = ["good", "very good", "a good movie", "the dog is good", "good , good !"]
-BAD = ["bad", "not good", "a bad movie", "the cat is bad", "very bad ."]
-
-
-def write_tiny_glue(root: Path, n_train: int = 64, n_dev: int = 32) -> Path:
-    """SST-2 (`sentence, label`) and RTE (`index, sentence1, sentence2, label`) from the tiny vocabulary."""
-    for folder in ("SST-2", "RTE"):
-        (root / folder).mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", n_train), ("dev", n_dev)):
-        sst = [f"{(GOOD if i % 2 else BAD)[i % 5]} {['', 'on the mat', 'the man runs'][i % 3]}\t{i % 2}" for i in range(n)]
-        (root / "SST-2" / f"{split}.tsv").write_text("sentence\tlabel\n" + "\n".join(sst) + "\n")
-        rte = [f"{i}\tthe man eats food .\t{['a man eats', 'the dog runs'][i % 2]} .\t{['entailment', 'not_entailment'][i % 2]}"
-               for i in range(n)]
-        (root / "RTE" / f"{split}.tsv").write_text("index\tsentence1\tsentence2\tlabel\n" + "\n".join(rte) + "\n")
-    return root
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("tiny")
-    return {"model": write_tiny_bert(root / "tiny-bert"), "glue": write_tiny_glue(root / "glue")}
+    # 512 positions, so that train.py and infer.py run with their default --max_length 128; named as MiniLM is
+    return {"model": write_tiny_checkpoint(root / "tiny-bert", bert_base_naming=False, positions=512),
+            "glue": write_glue(root / "glue", n_train=64, n_dev=32)}
 
 
 # ----------------------------------------------------------------------------------------------------
