@@ -139,7 +139,7 @@ def half_iqr(values: list) -> float:
 
 
 def measure_wall_clock(model, batches, S_values=PAPER_THRESHOLDS, budget_seconds: float = 30.0,
-                       min_rounds: int = 3, max_rounds: int = 20, target: float = 0.005) -> list[dict]:
+                       min_rounds: int = 3, max_rounds: int = 10, target: float = 0.005) -> list[dict]:
     """Time true early exit at each S against the full model, on the same batches, robustly to a busy machine.
 
     In a round every batch runs the full model and each S back to back (the order reversed every other round),
