@@ -8,8 +8,7 @@ Real checkpoints name their tensors in a few ways:
     cls.predictions.*, embeddings.position_ids, classifier.*   (pre-training heads, a buffer, a head)
 
 `module_name()` maps each onto our names through one table, NAME_TABLE, and ignores the rest.
-`save_checkpoint()` keeps BERT's usual names (so `transformers.BertModel` loads it too), plus `off_ramps.{i}.*`.
-"""
+`save_checkpoint()` keeps BERT's usual names (so `transformers.BertModel` loads it too), plus `off_ramps.{i}.*`."""
 
 import contextlib
 import json

@@ -1,7 +1,5 @@
 """Where the model runs and in which number format: `--device auto|cpu|cuda|cuda:N`, `--dtype fp32|bf16|fp16`.
-
-The one parser of both flags, so that a bad name, or a GPU that is not there, is one line of error before any work.
-"""
+The one parser of both flags, so that a bad name, or a GPU that is not there, is one line of error before any work."""
 
 import re
 

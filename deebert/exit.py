@@ -17,8 +17,7 @@ fails on a batch of more than one). `full_pass` runs every layer and off-ramp on
 and `expected_saving` then read off where each example would exit for any S, and what that saves.
 
 S = 0 never exits early (an entropy is never below 0): the full model. S > ln C always exits at layer 1
-(an entropy over C classes is at most ln C). A negative S is refused, not silently "disabled".
-"""
+(an entropy over C classes is at most ln C). A negative S is refused, not silently "disabled"."""
 
 import math
 from contextlib import contextmanager
@@ -29,8 +28,7 @@ import torch
 from deebert.errors import DeeBertError
 from deebert.model import attention_mask_for
 
-# ----------------------------------------------------------------------------------------------------
-# Entropy and the threshold
+# --- Entropy and the threshold --------------------------------------------------------------------
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -55,8 +53,7 @@ def check_threshold(S) -> float:
     return S
 
 
-# ----------------------------------------------------------------------------------------------------
-# Shared plumbing: evaluation mode, and a batch as the model's inputs
+# --- Shared plumbing: evaluation mode, and a batch as the model's inputs --------------------------
 
 
 @contextmanager
@@ -92,8 +89,7 @@ def _inputs(model, input_ids, token_type_ids, attention_mask) -> tuple:
     return model_inputs(model, {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask})
 
 
-# ----------------------------------------------------------------------------------------------------
-# One input: the loop of the paper
+# --- One input: the loop of the paper -------------------------------------------------------------
 
 
 @dataclass
@@ -116,9 +112,7 @@ class ExitResult:
 @torch.inference_mode()
 def early_exit(model, input_ids, token_type_ids=None, attention_mask=None, S: float = 0.0) -> ExitResult:
     """Run ONE input (tensors of shape (1, T)) up to the first layer whose off-ramp has entropy below S.
-
-    The layers after the exit are never computed. Dropout is off inside (see `evaluating`).
-    """
+    The layers after the exit are never computed. Dropout is off inside (see `evaluating`)."""
     if input_ids.shape[0] != 1:
         raise DeeBertError(f"early_exit takes one input, got a batch of {input_ids.shape[0]}; use early_exit_batch")
     S = check_threshold(S)
@@ -138,8 +132,7 @@ def early_exit(model, input_ids, token_type_ids=None, attention_mask=None, S: fl
         return ExitResult(z[0], n, entropies)
 
 
-# ----------------------------------------------------------------------------------------------------
-# A batch: the same decision per example; the examples that exit leave the batch
+# --- A batch: the same decision per example; the examples that exit leave the batch ---------------
 
 
 @dataclass
@@ -201,16 +194,13 @@ def early_exit_batch(model, input_ids, token_type_ids=None, attention_mask=None,
     return BatchExitResult(logits, exit_layers, entropies)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Every layer at once: the full model, and every off-ramp for the sweep
+# --- Every layer at once: the full model, and every off-ramp for the sweep ------------------------
 
 
 @torch.inference_mode()
 def full_model_logits(model, input_ids, token_type_ids=None, attention_mask=None) -> torch.Tensor:
     """Plain fine-tuned BERT, the baseline the paper times against: every layer, only the LAST off-ramp: (B, C).
-
-    (model(...) would also run the n - 1 lower off-ramps, which a plain BERT classifier does not have.)
-    """
+    (model(...) would also run the n - 1 lower off-ramps, which a plain BERT classifier does not have.)"""
     input_ids, token_type_ids, attention_mask = _inputs(model, input_ids, token_type_ids, attention_mask)
     with evaluating(model):
         hidden = model.encoder(input_ids, token_type_ids, attention_mask)[-1]  # (B, T, H) of layer n
@@ -219,11 +209,8 @@ def full_model_logits(model, input_ids, token_type_ids=None, attention_mask=None
 
 @torch.inference_mode()
 def full_pass(model, batches) -> tuple:
-    """Every layer and every off-ramp on every example: (logits (N, n, C) float32 on the CPU, labels (N,)).
-
-    Rows come back in the examples' own order (each batch's "index"), however the batches were cut;
-    labels are -1 where the examples have none.
-    """
+    """Every layer and every off-ramp on every example: (logits (N, n, C) float32 on the CPU, labels (N,)), in the
+    examples' own order (each batch's "index") however the batches were cut; labels -1 where there are none."""
     rows, all_logits, all_labels = [], [], []
     with evaluating(model):
         for batch in batches:
@@ -239,9 +226,7 @@ def full_pass(model, batches) -> tuple:
 
 def exit_many(model, batches, S: float) -> list:
     """Early exit over many batches: the paper's one-input loop for a batch of one, else the batched loop.
-
-    Returns one BatchExitResult per batch (a one-input result is wrapped as a batch of one).
-    """
+    Returns one BatchExitResult per batch (a one-input result is wrapped as a batch of one)."""
     results = []
     for batch in batches:
         inputs = model_inputs(model, batch)
@@ -254,8 +239,7 @@ def exit_many(model, batches, S: float) -> list:
     return results
 
 
-# ----------------------------------------------------------------------------------------------------
-# From a full pass: where each example would exit, and what that saves
+# --- From a full pass: where each example would exit, and what that saves -------------------------
 
 
 def exit_layers_from_entropies(entropies, S: float) -> torch.Tensor:

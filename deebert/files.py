@@ -1,8 +1,6 @@
 """Writing files and folders so that nobody ever sees half of one: the project's one atomic write.
-
 `write_atomically(path, write)` lets `write` make a temporary beside `path` (same folder: a rename is atomic),
-then renames it onto `path`; if `write` fails or is interrupted, `path` stays as it was, the temporary goes.
-"""
+then renames it onto `path`; if `write` fails or is interrupted, `path` stays as it was, the temporary goes."""
 
 import os
 import shutil

@@ -13,8 +13,7 @@ dev_matched.tsv, dev_mismatched.tsv) and test.tsv. Columns are 0-based; class id
     CoLA   sentence (3)   -              label (1)         0, 1 (unacceptable, acceptable)      mcc
 
 Files are parsed as the GLUE loaders parse them: utf-8-sig (MRPC's header starts with a byte-order mark),
-tabs, QUOTE_NONE (some RTE and QNLI fields begin with a bare `"`). STS-B, a regression task, is left out.
-"""
+tabs, QUOTE_NONE (some RTE and QNLI fields begin with a bare `"`). STS-B, a regression task, is left out."""
 
 import csv
 import http.client

@@ -9,8 +9,7 @@ LayerNorm eps from the config. DeeBERT (Xin et al. 2020, section 3) adds an off-
                                     OffRamp 1   OffRamp 2   ...   OffRamp n  -> logits (B, C) each
 
 Shapes: B batch, T tokens, H hidden size, nh heads, hs = H / nh head size, C classes. Module names are
-ours; `checkpoint.py` holds the one table that maps them to the checkpoint's names.
-"""
+ours; `checkpoint.py` holds the one table that maps them to the checkpoint's names."""
 
 import torch
 import torch.nn.functional as F

@@ -8,8 +8,7 @@ Loss of off-ramp i on a batch: L_i = CrossEntropy(y, f_i(x)).
 Freezing in stage 2 keeps the last off-ramp exactly as good as plain fine-tuned BERT. `train.py` runs
 the loop around these; they live here so that tests and benchmarks use the very same definitions.
 `joint` (train.py --joint) is NOT the paper's method: one stage, everything trained on L_1 + ... + L_n,
-kept to measure what the paper only argues in section 3.1 (that it would worsen the last off-ramp).
-"""
+kept to measure what the paper only argues in section 3.1 (that it would worsen the last off-ramp)."""
 
 import torch
 import torch.nn.functional as F
@@ -58,9 +57,7 @@ STAGES = {1: (stage1_parameters, stage1_loss), 2: (stage2_parameters, stage2_los
 
 def prepare_stage(model, stage) -> tuple:
     """Freeze everything but the stage's parameters and set dropout as the stage wants it.
-
-    Returns (the trainable parameters, the loss function).
-    """
+    Returns (the trainable parameters, the loss function)."""
     parameters_of, loss = STAGES[stage]
     trainable = parameters_of(model)
     for p in model.parameters():

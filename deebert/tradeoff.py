@@ -8,8 +8,7 @@
 3. *Measured* wall-clock saving (`measure_wall_clock`): true early exit against the full model (all layers,
    only the last off-ramp) on the same batches; it also pays for the embeddings and the off-ramps on the
    way, so measured / expected is usually a little below 1. The paper times one input at a time; we also
-   time batches. `write_csv` keeps every number; `figures.py` draws the paper's figures from them.
-"""
+   time batches. `write_csv` keeps every number; `figures.py` draws the paper's figures from them."""
 
 import csv
 import math
@@ -26,8 +25,7 @@ from deebert.glue import compute_metrics
 
 PAPER_THRESHOLDS = (0, 0.001, 0.005, 0.01, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 
-# ----------------------------------------------------------------------------------------------------
-# 1. One full pass, then every S for free
+# --- 1. One full pass, then every S for free ------------------------------------------------------
 
 
 def predictions_at_exit(all_logits, exit_layers) -> torch.Tensor:
@@ -47,8 +45,7 @@ def _row(S, task, all_logits, labels, exit_layers) -> dict:
 def sweep(all_logits, labels, task, S_values=PAPER_THRESHOLDS) -> list[dict]:
     """One row per S: the task's metrics at each example's exit layer, average exit layer, expected saving,
     how many examples exit at each layer, and "drop": how far the main metric falls below the full model's,
-    in percentage points. The first row is the full model (S None); S = 0 gives the same numbers.
-    """
+    in percentage points. The first row is the full model (S None); S = 0 gives the same numbers."""
     n = all_logits.shape[1]
     entropies = entropy(all_logits)  # (N, n, C) -> (N, n)
     full = _row(None, task, all_logits, labels, torch.full((len(labels),), n))
@@ -61,15 +58,12 @@ def sweep(all_logits, labels, task, S_values=PAPER_THRESHOLDS) -> list[dict]:
 
 def choose_S(rows, max_drop: float = 1.0) -> float | None:
     """The largest S whose main metric stays within `max_drop` points of the full model; None if none does.
-
-    Chosen on the very data it is scored on, this flatters itself: `certify_S` gives a real guarantee.
-    """
+    Chosen on the very data it is scored on, this flatters itself: `certify_S` gives a real guarantee."""
     within = [row["S"] for row in rows if row["S"] is not None and row["drop"] <= max_drop + 1e-9]
     return max(within, default=None)
 
 
-# ----------------------------------------------------------------------------------------------------
-# 2. A threshold certified to agree with the full model
+# --- 2. A threshold certified to agree with the full model ----------------------------------------
 
 
 def disagreement(all_logits, S: float) -> torch.Tensor:
@@ -115,8 +109,7 @@ def certify_S(all_logits, epsilon: float, delta: float, S_values=PAPER_THRESHOLD
     return {"S": best, "epsilon": epsilon, "delta": delta, "examples": N, "tested": tested}
 
 
-# ----------------------------------------------------------------------------------------------------
-# 3. Wall clock: true early exit against the full model
+# --- 3. Wall clock: true early exit against the full model ----------------------------------------
 
 
 def seconds_of(run, batch, device) -> float:
@@ -186,8 +179,7 @@ def measure_wall_clock(model, batches, S_values=PAPER_THRESHOLDS, budget_seconds
     return rows
 
 
-# ----------------------------------------------------------------------------------------------------
-# Writing the results: every number in a CSV (the figures: figures.py)
+# --- Writing the results: every number in a CSV (the figures: figures.py) -------------------------
 
 
 def write_csv(rows: list[dict], path):
