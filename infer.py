@@ -51,7 +51,7 @@ def number(kind=float, low=0.0, high=math.inf, open_ends=False):
         if not (low < value < high if open_ends else low <= value <= high):
             raise argparse.ArgumentTypeError(f"{text} must lie in {'(' if open_ends else '['}{low:g}, {high:g}{')' if open_ends else ']'}")
         return value
-    parse.__name__ = kind.__name__
+    parse.__name__ = kind.__name__  # argparse names the type in its message: "invalid int value: 'x'"
     return parse
 
 

@@ -217,7 +217,7 @@ def full_pass(model, batches) -> tuple:
             per_layer = model(*model_inputs(model, batch))  # n tensors (B, C)
             all_logits.append(torch.stack(per_layer, dim=1).float().cpu())  # n x (B, C) -> (B, n, C)
             all_labels.append(batch.get("labels", torch.full((len(per_layer[0]),), -1)).cpu())
-            rows.append(batch.get("index", torch.arange(len(per_layer[0])) + sum(map(len, rows))))
+            rows.append(batch["index"])  # (B,): where these examples stand among all of them
     if not all_logits:
         raise DeeBertError("full_pass got no batches; pass at least one example")
     order = torch.cat(rows).argsort()  # batch order -> the examples' own order

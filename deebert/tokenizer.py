@@ -27,7 +27,7 @@ class Tokenizer:
         self.set_max_length(max_length)
 
     def set_max_length(self, max_length: int) -> None:
-        check_max_length(max_length, max_positions=max(max_length, MIN_MAX_LENGTH))  # positions: the model's job
+        check_max_length(max_length)
         self.max_length = max_length
         self.backend.enable_truncation(max_length, strategy="longest_first")
         self.backend.enable_padding(pad_id=self.pad_id, pad_token="[PAD]")  # no length: pad to the longest
@@ -68,11 +68,13 @@ class Tokenizer:
         (directory / "vocab.txt").write_text("".join(token + "\n" for token, _ in vocab), encoding="utf-8")
 
 
-def check_max_length(max_length: int, max_positions: int) -> None:
-    """The one check of --max_length: room for a pair's special tokens, and no more than the model's positions."""
-    if not MIN_MAX_LENGTH <= max_length <= max_positions:
-        raise DeeBertError(f"--max_length {max_length} must lie in {MIN_MAX_LENGTH}..{max_positions} "
-                           f"(room for [CLS] a [SEP] b [SEP]; the model has {max_positions} positions)")
+def check_max_length(max_length: int, max_positions: int | None = None) -> None:
+    """The one check of --max_length: room for a pair's special tokens, and no more than the model's positions
+    (which only the model knows: the tokenizer checks the minimum alone)."""
+    if max_length < MIN_MAX_LENGTH or (max_positions is not None and max_length > max_positions):
+        limit = f"lie in {MIN_MAX_LENGTH}..{max_positions}" if max_positions else f"be at least {MIN_MAX_LENGTH}"
+        model = f"; the model has {max_positions} positions" if max_positions else ""
+        raise DeeBertError(f"--max_length {max_length} must {limit} (room for [CLS] a [SEP] b [SEP]{model})")
 
 
 def lowercase(directory: Path) -> bool:

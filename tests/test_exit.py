@@ -9,8 +9,7 @@ import math
 import pytest
 import torch
 
-from conftest import SCALES, TINY_VOCAB, tiny_deebert, write_tiny_checkpoint
-from deebert.checkpoint import load_deebert
+from conftest import TINY_VOCAB, tiny_deebert
 from deebert.errors import DeeBertError
 from deebert.exit import (early_exit, early_exit_batch, entropy, exit_layers_from_entropies, exit_many,
                           expected_saving, full_model_logits, full_pass)

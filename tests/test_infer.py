@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import fine_tuned, write_glue, write_tiny_checkpoint
 

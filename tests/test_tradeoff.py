@@ -2,7 +2,6 @@
 
 import csv
 import math
-import sys
 
 import pytest
 import torch
