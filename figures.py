@@ -19,11 +19,16 @@ from deebert.config import BertConfig
 from deebert.files import write_atomically
 from deebert.tradeoff import PAPER_THRESHOLDS
 
-try:
-    from matplotlib import patches
-    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
-except ImportError:  # infer.py --eval then writes its CSV only
-    Figure = None
+
+def new_figure(**size):
+    """A matplotlib Figure (no pyplot: no GUI backend, no global state), or None when matplotlib is not installed
+    (infer.py --eval then writes its CSV only). Imported here, not at the top: matplotlib would add 0.7 s to the
+    start of every infer.py run, most of which draw nothing."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    return Figure(**size)
 
 
 def draw_tradeoff(axes, rows: list[dict], metric: str) -> None:
@@ -84,14 +89,14 @@ def draw_exits(axes, rows: list[dict], count: int = 4) -> None:
 def plot(path, rows: list[dict], metric: str, per_layer: dict | None = None, timing: list[dict] | None = None):
     """The paper's figures in one PNG: 2 (trade-off), 6 (exits per layer), 4 (each off-ramp), 3 (measured vs
     expected, when timed). Returns the path, or None when matplotlib is not installed (the CSV has it all)."""
-    if Figure is None:
-        return None
     panels = [lambda a: draw_tradeoff(a, rows, metric), lambda a: draw_exits(a, rows)]
     if per_layer:
         panels.append(lambda a: draw_per_layer(a, per_layer, metric))
     if timing:
         panels.append(lambda a: draw_measured(a, [row for row in timing if row["S"] is not None]))
-    figure = Figure(figsize=(11, 8 if len(panels) > 2 else 4), dpi=110)
+    figure = new_figure(figsize=(11, 8 if len(panels) > 2 else 4), dpi=110)
+    if figure is None:
+        return None
     for k, draw in enumerate(panels, start=1):
         axes = figure.add_subplot(2 if len(panels) > 2 else 1, 2, k)
         draw(axes)
@@ -131,6 +136,8 @@ def timing_rows(rows: list[dict]) -> list[dict]:
 
 def draw_model(axes, config: BertConfig) -> None:
     """Figure 1: embeddings, then n grey layers, an orange off-ramp after each, blue exits."""
+    from matplotlib import patches  # only once a figure exists: matplotlib is installed
+
     n = config.num_hidden_layers
 
     def box(x, y, width, color, text):
@@ -194,7 +201,9 @@ def main(argv=None) -> None:
         if any(key.startswith("measured_saving_batch") for key in rows[0]):
             draws["measured"] = lambda a: draw_measured(a, timing_rows(rows))
     for name, draw in draws.items():
-        figure = Figure(figsize=(6, 6 if name == "model" else 4), dpi=110)
+        figure = new_figure(figsize=(6, 6 if name == "model" else 4), dpi=110)
+        if figure is None:
+            raise SystemExit("error: figures.py draws with matplotlib; pip install matplotlib")
         axes = figure.add_subplot()
         draw(axes)
         if name != "model":

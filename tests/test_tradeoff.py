@@ -127,7 +127,7 @@ def test_labels_that_land_on_one_spot_are_merged():
 
 
 def test_plot_without_matplotlib_returns_none(tmp_path, monkeypatch):
-    monkeypatch.setattr(figures, "Figure", None)  # as if matplotlib were not installed
+    monkeypatch.setattr(figures, "new_figure", lambda **size: None)  # as if matplotlib were not installed
     assert plot(tmp_path / "tradeoff.png", sweep(HAND_LOGITS, HAND_LABELS, SST2, [0]), "accuracy") is None
     assert not (tmp_path / "tradeoff.png").exists()
 
