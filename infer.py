@@ -8,32 +8,27 @@
 
 The checkpoint is --model, else runs/<task> for --task, else the newest runs/*: where train.py saves. S
 defaults to 0 for texts: no early exit, exactly the fine-tuned BERT, unless you ask; the output says so.
-A thin script over the package (deebert.exit holds the loop, deebert.tradeoff the measurements).
+A thin script over the package: deebert.exit holds the loop; --eval runs evaluation.py, over deebert.tradeoff.
 """
 
 import argparse
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 import torch
 
+import evaluation  # the --eval path: the dev-set sweep, the certified S, the wall clock
 from deebert.checkpoint import load_deebert, resolve
 from deebert.device import DTYPES, pick_device, pick_dtype
-from deebert.errors import DeeBertError
-from deebert.exit import check_threshold, exit_many, full_pass
-from deebert.files import write_atomically
-from deebert.glue import Example, find_data_dir, get_task, per_layer_metrics, read_split
+from deebert.errors import DeeBertError, Parser, number
+from deebert.exit import check_threshold, exit_many
+from deebert.glue import Example, get_task
 from deebert.tokenizer import Tokenizer, batches, by_length, check_max_length
-from deebert.tradeoff import PAPER_THRESHOLDS, certify_S, choose_S, disagreement, measure_wall_clock, sweep, write_csv
-from figures import plot
+from deebert.tradeoff import PAPER_THRESHOLDS
 
 RUNS_DIR = Path("runs")  # where train.py saves, as runs/<task>
-
-# ----------------------------------------------------------------------------------------------------
-# Command line
 
 
 def threshold(text):
@@ -44,27 +39,8 @@ def threshold(text):
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def number(kind=float, low=0.0, high=math.inf, open_ends=False):
-    """argparse type: a `kind` number in [low, high] ((low, high) with open_ends); NaN is refused too."""
-    def parse(text):
-        value = kind(text)  # argparse turns a ValueError into "invalid float value: 'abc'"
-        if not (low < value < high if open_ends else low <= value <= high):
-            raise argparse.ArgumentTypeError(f"{text} must lie in {'(' if open_ends else '['}{low:g}, {high:g}{')' if open_ends else ']'}")
-        return value
-    parse.__name__ = kind.__name__  # argparse names the type in its message: "invalid int value: 'x'"
-    return parse
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag gives the project's one line `error: ...` and exit code 2, no usage dump."""
-
-    def error(self, message):
-        print(f"error: {message}; see python infer.py --help", file=sys.stderr)
-        sys.exit(2)
-
-
 def build_parser() -> Parser:
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="infer.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
     add("texts", nargs="*", help="one text, or the two texts of a pair (premise, hypothesis)")
     add("--S", type=threshold, nargs="+", default=None,
@@ -143,9 +119,9 @@ def as_example(texts: list, task, where: str) -> Example:
         shape = "pairs (premise, hypothesis)" if task.is_pair else "single texts"
         raise DeeBertError(f"{where}: {task.name} classifies {shape}; got {len(texts)} text(s), give {wanted}"
                            + (" separated by a tab" if "line" in where and task.is_pair else ""))
-    for number, text in enumerate(texts, start=1):
+    for k, text in enumerate(texts, start=1):
         if not text.strip():
-            which = f"text {number} of the pair" if task.is_pair else "the text"
+            which = f"text {k} of the pair" if task.is_pair else "the text"
             raise DeeBertError(f"{where}: {which} is empty; give a non-empty text")
     return Example(texts[0], texts[1] if task.is_pair else None, None)
 
@@ -162,12 +138,12 @@ def read_examples(file_arg: str, task) -> list:
     if lines == [b""]:
         raise DeeBertError(f"{name} holds no inputs; give one input per line")
     examples = []
-    for number, line in enumerate(lines, start=1):
+    for line_number, line in enumerate(lines, start=1):
         try:
             text = line.decode("utf-8").removesuffix("\r")
         except UnicodeDecodeError:
-            raise DeeBertError(f"{name} line {number} is not UTF-8 text; save the file as UTF-8") from None
-        examples.append(as_example(text.split("\t"), task, f"{name} line {number}"))
+            raise DeeBertError(f"{name} line {line_number} is not UTF-8 text; save the file as UTF-8") from None
+        examples.append(as_example(text.split("\t"), task, f"{name} line {line_number}"))
     return examples
 
 
@@ -227,106 +203,19 @@ def run_texts(args) -> None:
                   "every input exits at layer 1")
     results = classify(model, tokenizer, examples, S, args.batch_size)
     printer = print_json if args.json else print_line if args.file else lambda _, __, r, n, a: print_one(r, n, a)
-    for number, (example, result) in enumerate(zip(examples, results), start=1):
-        printer(number, example, result, model.num_layers, args)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Evaluating: the sweep, the certified S, the wall clock, the CSV and the figure
-
-
-def print_sweep(rows: list, task, n: int) -> None:
-    print(f"{'S':>8}  " + "  ".join(f"{m:>9}" for m in task.metrics) + "  avg exit layer  expected saving  drop (points)")
-    for row in rows:
-        S = "full" if row["S"] is None else f"{row['S']:g}"
-        values = "  ".join(f"{100 * row[m]:>9.2f}" for m in task.metrics)
-        print(f"{S:>8}  {values}  {row['avg_exit_layer']:>8.2f} / {n:<3}  {100 * row['expected_saving']:>14.1f}%  {row['drop']:>13.2f}")
-
-
-def print_timing(timing: list) -> None:
-    print(f"{'S':>8}  batch  {'measured saving':>17}  {'expected':>8}  measured/expected  rounds")
-    for row in timing[1:]:
-        saving = f"{100 * row['measured_saving']:5.1f}% ± {100 * row['spread']:.1f}"
-        noise = abs(row["measured_saving"]) <= row["spread"]  # not told apart from no saving at all
-        ratio = "within noise" if noise else "-" if row["ratio"] is None else f"{row['ratio']:.2f}"
-        print(f"{row['S']:>8g}  {row['batch_size']:>5}  {saving:>17}  {100 * row['expected_saving']:7.1f}%  {ratio:>17}  {row['rounds']:>6}")
-
-
-def held_out_report(name: str, S: float, logits, labels, task) -> str:
-    full, at_S = sweep(logits, labels, task, [S])
-    metric, disagree = task.main_metric, float(disagreement(logits, S).float().mean())
-    return (f"{name} S = {S:g} on the {len(logits)} dev examples it did not see: disagrees with the full model on "
-            f"{100 * disagree:.2f}%, {metric} {100 * at_S[metric]:.2f} (full model {100 * full[metric]:.2f}), "
-            f"expected saving {100 * at_S['expected_saving']:.1f}%")
-
-
-def calibrate(args, model, tokenizer, task, checkpoint, examples, logits, labels, S_values) -> None:
-    """Certify S on half the dev set (or --calibration_file) and report it on the dev examples it did not see."""
-    if args.calibration_file:
-        calibration = read_examples(args.calibration_file, task)
-        cal_logits, _ = full_pass(model, batches(tokenizer, calibration, args.eval_batch_size, by_length(tokenizer, calibration)))
-        test, source = torch.arange(len(examples)), f"{len(calibration)} unlabelled texts of {args.calibration_file}"
-    else:
-        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0))
-        cal, test = order[: len(order) // 2], order[len(order) // 2 :]
-        cal_logits, source = logits[cal], f"a random half of {task.folder} {args.split} ({len(cal)} examples)"
-        by_drop = choose_S(sweep(logits[cal], labels[cal], task, S_values), args.max_drop)
-    result = certify_S(cal_logits, args.max_disagree, args.delta, S_values)
-    print(f"\ncertified on {source}: S = {result['S']:g} disagrees with the full model on at most "
-          f"{100 * args.max_disagree:g}% of such inputs, with probability >= {1 - args.delta:g}")
-    print(held_out_report("certified", result["S"], logits[test], labels[test], task))
-    if not args.calibration_file and by_drop is not None:
-        print(held_out_report(f"--max_drop {args.max_drop:g}, chosen on the same half:", by_drop, logits[test], labels[test], task))
-    path = checkpoint / "results.json"
-    results = json.loads(path.read_text()) if path.is_file() else {}
-    results["calibration"] = {**result, "source": source}
-    write_atomically(path, lambda temporary: temporary.write_text(json.dumps(results, indent=2) + "\n"))
-    print(f"wrote the certified S into {path}; use it with --S auto")
-
-
-def run_eval(args) -> None:
-    if args.texts or args.file:
-        raise DeeBertError("--eval reads the dev set; drop the texts and --file (or drop --eval)")
-    if args.S and "auto" in args.S:
-        raise DeeBertError("--eval sweeps numbers; --S auto is for classifying texts")
-    model, tokenizer, task, checkpoint = load(args)
-    S_values = args.S or PAPER_THRESHOLDS
-    examples = read_split(task, find_data_dir(task, args.data_dir), args.split)[: args.max_eval_examples]
-    start = time.perf_counter()
-    logits, labels = full_pass(model, batches(tokenizer, examples, args.eval_batch_size, by_length(tokenizer, examples)))
-    print(f"{task.folder} {args.split}: {len(examples)} examples through all {model.num_layers} layers and off-ramps "
-          f"in {time.perf_counter() - start:.1f} s\n")
-    rows = sweep(logits, labels, task, S_values)
-    print_sweep(rows, task, model.num_layers)
-    if args.max_disagree:
-        calibrate(args, model, tokenizer, task, checkpoint, examples, logits, labels, S_values)
-    timing = []
-    if not args.no_timing:
-        subset = examples[: args.timing_examples]
-        print(f"\nwall clock on {len(subset)} examples sorted by length: {next(model.parameters()).device}, {args.dtype}, "
-              f"{torch.get_num_threads()} threads (full = all layers + the last off-ramp; saving = 1 - t(S) / t(full), "
-              "median of rounds ± half their interquartile range)")
-        for B in dict.fromkeys((1, args.eval_batch_size)):
-            rows_B = measure_wall_clock(model, batches(tokenizer, subset, B, by_length(tokenizer, subset)), S_values,
-                                        budget_seconds=args.timing_seconds)
-            print_timing(rows_B)
-            timing += rows_B
-            for row, timed in zip(rows, rows_B):
-                row.update({f"{key}_batch{B}": timed[key] for key in ("measured_saving", "spread", "expected_saving", "seconds")})
-    out = Path(args.out) if args.out else checkpoint
-    print(f"\nwrote {write_csv(rows, out / 'tradeoff.csv')}")
-    png = plot(out / "tradeoff.png", rows, task.main_metric, {"off-ramps": per_layer_metrics(task, logits, labels)}, timing)
-    print(f"wrote {png}" if png else "tradeoff.png skipped: matplotlib is not installed (pip install matplotlib)")
-    best = choose_S(rows, args.max_drop)
-    print(f"largest S within {args.max_drop:g} point{'s' * (args.max_drop != 1)} of the full model's {task.main_metric}: "
-          + ("none" if best is None else f"{best:g}"))
+    for k, (example, result) in enumerate(zip(examples, results), start=1):
+        printer(k, example, result, model.num_layers, args)
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         if args.eval:
-            run_eval(args)
+            if args.texts or args.file or (args.S and "auto" in args.S):
+                raise DeeBertError("--eval sweeps numeric S over the dev set; drop the texts, --file and --S auto (or drop --eval)")
+            model, tokenizer, task, checkpoint = load(args)
+            calibration = read_examples(args.calibration_file, task) if args.calibration_file else None
+            evaluation.run_eval(args, model, tokenizer, task, checkpoint, calibration)
         elif args.texts or args.file:
             run_texts(args)
         else:

@@ -26,7 +26,7 @@ from torch import nn
 from deebert.checkpoint import check_output_dir, load_deebert, resolve, save_checkpoint
 from deebert.config import BertConfig
 from deebert.device import pick_device
-from deebert.errors import DeeBertError
+from deebert.errors import DeeBertError, Parser, number
 from deebert.exit import full_pass
 from deebert.glue import TASKS, find_data_dir, get_task, per_layer_metrics, read_split
 from deebert.stages import prepare_stage
@@ -41,59 +41,42 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    """The flags; a number outside its meaning (--warmup 1.5, --epochs 0) is one line of error before any work."""
+    p = Parser(prog="train.py", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    count, positive = number(int, 1), number(float, 0, open_ends=True)  # 1, 2, ...; and (0, inf)
     p.add_argument("--task", required=True, help=f"GLUE task: {', '.join(TASKS)}")
     p.add_argument("--model", default="bert-base-uncased", help="BERT checkpoint directory or Hugging Face hub id")
     p.add_argument("--data_dir", default=None, help="folder with the task's train.tsv and dev.tsv (else $GLUE_DIR/<TASK>, else download)")
     p.add_argument("--output_dir", default=None, help="where the fine-tuned checkpoint goes (default: runs/<task>)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir")
     # The authors' recipe (their scripts; the same in the Hugging Face copy).
-    p.add_argument("--learning_rate", type=float, default=2e-5, help="stage 1 learning rate")
-    p.add_argument("--stage2_learning_rate", type=float, default=None, help="stage 2 learning rate (default: --learning_rate, as the paper)")
-    p.add_argument("--epochs", type=float, default=3, help="stage 1 epochs")
-    p.add_argument("--stage2_epochs", type=float, default=None, help="stage 2 epochs (default: --epochs, as the paper)")
-    p.add_argument("--batch_size", type=int, default=8, help="examples per step (per process under torchrun)")
+    p.add_argument("--learning_rate", type=positive, default=2e-5, help="stage 1 learning rate")
+    p.add_argument("--stage2_learning_rate", type=positive, default=None, help="stage 2 learning rate (default: --learning_rate, as the paper)")
+    p.add_argument("--epochs", type=positive, default=3, help="stage 1 epochs")
+    p.add_argument("--stage2_epochs", type=positive, default=None, help="stage 2 epochs (default: --epochs, as the paper)")
+    p.add_argument("--batch_size", type=count, default=8, help="examples per step (per process under torchrun)")
     p.add_argument("--max_length", type=int, default=128, help="tokens per input, after truncation")
     p.add_argument("--seed", type=int, default=42, help="one seed for the data order, the fresh off-ramps and dropout")
-    p.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient-norm clip")
-    p.add_argument("--warmup", type=float, default=0.0, help="fraction of steps with linearly rising learning rate; then linear decay to 0")
-    p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay on weight matrices")
-    p.add_argument("--adam_eps", type=float, default=1e-8, help="AdamW epsilon")
+    p.add_argument("--max_grad_norm", type=positive, default=1.0, help="gradient-norm clip")
+    p.add_argument("--warmup", type=number(float, 0, 1), default=0.0, help="fraction of steps with linearly rising learning rate; then linear decay to 0")
+    p.add_argument("--weight_decay", type=number(float), default=0.0, help="AdamW weight decay on weight matrices")
+    p.add_argument("--adam_eps", type=positive, default=1e-8, help="AdamW epsilon")
     # Options that depart from the paper (off by default; see OffRamp in deebert/model.py and the README).
     p.add_argument("--pooling", choices=["cls", "mean"], default="cls",
                    help="what an off-ramp reads: the [CLS] vector (paper) or the mean over tokens (for mean-pooled checkpoints such as all-MiniLM-L6-v2)")
     p.add_argument("--joint", action="store_true",
                    help="NOT the paper: one stage of --epochs training everything on the sum of all off-ramp losses, to compare with the two stages")
     # Size and speed.
-    p.add_argument("--max_train_examples", type=int, default=None, help="train on a seeded random subset of this size (default: all)")
-    p.add_argument("--max_eval_examples", type=int, default=None, help="score only the first N dev examples (default: all)")
-    p.add_argument("--eval_batch_size", type=int, default=64, help="examples per batch when scoring the dev set")
+    p.add_argument("--max_train_examples", type=count, default=None, help="train on a seeded random subset of this size (default: all)")
+    p.add_argument("--max_eval_examples", type=count, default=None, help="score only the first N dev examples (default: all)")
+    p.add_argument("--eval_batch_size", type=count, default=64, help="examples per batch when scoring the dev set")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="mixed precision on CUDA")
-    p.add_argument("--log_every", type=int, default=50, help="print a progress line every N steps")
+    p.add_argument("--log_every", type=count, default=50, help="print a progress line every N steps")
     args = p.parse_args(argv)
     args.stage2_learning_rate = args.stage2_learning_rate or args.learning_rate
     args.stage2_epochs = args.epochs if args.stage2_epochs is None else args.stage2_epochs
     return args
-
-
-def check_args(args, max_positions: int):
-    """Every number outside its meaning gets a one-line error before any work is done."""
-    ranges = {  # name: (lowest allowed, highest allowed, lowest excluded)
-        "batch_size": (1, None, False), "eval_batch_size": (1, None, False), "log_every": (1, None, False),
-        "learning_rate": (0, None, True), "stage2_learning_rate": (0, None, True), "adam_eps": (0, None, True),
-        "epochs": (0, None, True), "stage2_epochs": (0, None, True), "max_grad_norm": (0, None, True),
-        "weight_decay": (0, None, False), "warmup": (0, 1, False),
-        "max_train_examples": (1, None, False), "max_eval_examples": (1, None, False),
-    }
-    for name, (low, high, open_low) in ranges.items():
-        value = getattr(args, name)
-        if value is None:
-            continue
-        if not (value > low if open_low else value >= low) or (high is not None and not value <= high):
-            span = f"{'(' if open_low else '['}{low}, {high if high is not None else 'inf'}{']' if high is not None else ')'}"
-            raise DeeBertError(f"--{name} {value} is outside {span}; pass a value in that range")
-    check_max_length(args.max_length, max_positions)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -247,7 +230,7 @@ def main(argv=None):
     task = get_task(args.task)
     output_dir = Path(args.output_dir or Path("runs") / task.name)
     model_dir = resolve(args.model)
-    check_args(args, BertConfig.from_file(model_dir / "config.json").max_position_embeddings)
+    check_max_length(args.max_length, BertConfig.from_file(model_dir / "config.json").max_position_embeddings)
     run = Run(args)
     if args.amp != "none" and run.device.type != "cuda":
         raise DeeBertError(f"--amp {args.amp} needs a GPU, and this run is on {run.device}; drop --amp")
@@ -291,7 +274,7 @@ def main(argv=None):
 
 if __name__ == "__main__":
     try:
-        main()
+        main()  # a bad flag, a missing file, ...: a DeeBertError, one line
     except DeeBertError as err:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every process fails alike: one line is enough
             print(f"error: {err}", file=sys.stderr)

@@ -1,9 +1,30 @@
-"""The one exception type this project raises for bad input (a file, a flag, a checkpoint).
+"""Bad input: the one exception type this project raises for it (a file, a flag, a checkpoint), and the
+command line's checks that raise it, shared by train.py, infer.py and bench.py.
 
-Its message is one line that names the problem and the fix; `train.py` and `infer.py` print it as
-`error: <message>` instead of a traceback. Anything else is a bug and keeps its traceback.
-"""
+A message is one line that names the problem and the fix; the scripts print it as `error: <message>`
+instead of a traceback. Anything else is a bug and keeps its traceback."""
+
+import argparse
 
 
 class DeeBertError(Exception):
     """Bad input: the message is one line, names what is wrong, and says what to do."""
+
+
+def number(kind=float, low: float = 0, high: float = float("inf"), open_ends: bool = False):
+    """argparse type: a `kind` number in [low, high], or in (low, high) with open_ends; NaN fails both."""
+    def parse(text):
+        value = kind(text)  # a ValueError, which argparse words as "invalid float value: 'abc'"
+        if not (low < value < high if open_ends else low <= value <= high):
+            span = f"({low:g}, {high:g})" if open_ends else f"[{low:g}, {high:g}]"
+            raise argparse.ArgumentTypeError(f"{text} is outside {span}; pass a value in that range")
+        return value
+    parse.__name__ = kind.__name__  # the name argparse gives the type in its message
+    return parse
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors (an unknown flag, a value out of range) are a DeeBertError: one line, no usage dump."""
+
+    def error(self, message):
+        raise DeeBertError(f"{message}; see python {self.prog} --help")

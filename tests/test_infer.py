@@ -30,6 +30,7 @@ def load_infer():
 
 
 infer = load_infer()
+evaluation = infer.evaluation  # the --eval path, evaluation.py
 
 
 @pytest.fixture(scope="module")
@@ -179,10 +180,10 @@ def test_bad_input_as_a_user_sees_it(checkpoints, tmp_path):
     (["--model", "{sst-2}"], ["nothing to do"]),
     (["a", "--model", "{sst-2}", "--max_length", "1000"], ["--max_length 1000 must lie in 8..64"]),
     (["a", "--model", "{sst-2}", "--task", "rte"], ["fine-tuned on sst-2, not rte"]),
-    (["a", "--model", "{sst-2}", "--batch_size", "0"], ["--batch_size", "0 must lie in [1, inf]"]),
+    (["a", "--model", "{sst-2}", "--batch_size", "0"], ["--batch_size", "0 is outside [1, inf]"]),
     (["--model", "{sst-2}", "--file", "{missing}"], ["--file", "not found"]),
     (["a", "--model", "{sst-2}", "--file", "{missing}"], ["texts on the command line or --file, not both"]),
-    (["--eval", "a", "--model", "{sst-2}"], ["--eval reads the dev set"]),
+    (["--eval", "a", "--model", "{sst-2}"], ["--eval sweeps numeric S over the dev set"]),
     (["a", "--model", "{sst-2}", "--device", "tpu"], ["--device tpu"]),
 ])
 def test_bad_input_gives_one_line_error(checkpoints, tmp_path, capsys, argv, fragments):
@@ -290,7 +291,7 @@ def test_certify_then_classify_with_S_auto(checkpoints, tmp_path, capsys):
 @pytest.mark.parametrize("flag, value", [("--max_disagree", "0"), ("--max_disagree", "1.5"), ("--delta", "1")])
 def test_epsilon_and_delta_outside_0_1_are_refused(checkpoints, capsys, flag, value):
     code, _, err = run(["--eval", "--model", checkpoints["sst-2"], flag, value, *SHORT], capsys)
-    assert_one_line_error(code, err, flag, "must lie in (0, 1)")
+    assert_one_line_error(code, err, flag, "is outside (0, 1)")
 
 
 def test_eval_without_timing_uses_the_papers_thresholds(checkpoints, tmp_path, capsys):
@@ -327,7 +328,7 @@ def test_S_type_refuses_nan_and_negatives_and_takes_auto():
 
 def test_a_saving_inside_its_spread_is_printed_as_noise(capsys):
     row = {"batch_size": 1, "expected_saving": 0.3, "rounds": 5}
-    infer.print_timing([{}, {**row, "S": 0.0, "measured_saving": 0.004, "spread": 0.01, "ratio": None},
+    evaluation.print_timing([{}, {**row, "S": 0.0, "measured_saving": 0.004, "spread": 0.01, "ratio": None},
                         {**row, "S": 0.3, "measured_saving": 0.27, "spread": 0.01, "ratio": 0.9}])
     lines = capsys.readouterr().out.splitlines()
     assert "within noise" in lines[1] and "0.90" in lines[2] and "within noise" not in lines[2]
