@@ -2,7 +2,3 @@
 
 Xin, Tang, Lee, Yu, Lin. DeeBERT: Dynamic Early Exiting for Accelerating BERT Inference. ACL 2020.
 """
-
-from deebert.errors import DeeBertError
-
-__all__ = ["DeeBertError"]

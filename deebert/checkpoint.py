@@ -135,9 +135,7 @@ def _load(source, model_class, dtype, adapt=lambda directory, config, weights: w
     config, weights)` adjust both, build the model on the meta device and fill it with the file's tensors."""
     directory = resolve(source)
     config = BertConfig.from_file(directory / CONFIG_FILE)
-    path = directory / WEIGHT_FILE
-    if not path.is_file():
-        raise DeeBertError(f"{path} not found; the checkpoint directory needs model.safetensors")
+    path = directory / WEIGHT_FILE  # a missing file: "... not found; pass a checkpoint directory that holds ..."
     weights = adapt(directory, config, read_weights(path, dtype))
     with torch.device("meta"):  # shapes only, no memory: the file's tensors become the parameters
         model = model_class(config)

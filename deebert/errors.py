@@ -1,8 +1,6 @@
-"""Bad input: the one exception type this project raises for it (a file, a flag, a checkpoint), and the
-command line's checks that raise it, shared by train.py, infer.py and bench.py.
-
-A message is one line that names the problem and the fix; the scripts print it as `error: <message>`
-instead of a traceback. Anything else is a bug and keeps its traceback."""
+"""Bad input: the one exception type this project raises for it (a file, a flag, a checkpoint), and the command
+line's checks that raise it. The message is one line that names the problem and the fix; train.py, infer.py and
+bench.py print it as `error: <message>`, not as a traceback. Anything else is a bug and keeps its traceback."""
 
 import argparse
 

@@ -101,10 +101,6 @@ class ExitResult:
     entropies: list  # one float per layer that ran: len(entropies) == exit_layer
 
     @property
-    def probabilities(self) -> torch.Tensor:
-        return self.logits.float().softmax(dim=-1)  # (C,)
-
-    @property
     def label(self) -> int:
         return int(self.logits.argmax())
 

@@ -81,11 +81,6 @@ def get_task(name: str) -> Task:
     return TASKS[key]
 
 
-def cache_dir() -> Path:
-    """Where downloaded GLUE tasks live: $XDG_CACHE_HOME/deebert/glue, by default ~/.cache/deebert/glue."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "deebert" / "glue"
-
-
 def _task_folder(task: Task, path) -> Path:  # `path`, or its <folder>/ when `path` is a GLUE root (glue_data/)
     path = Path(path)
     return path / task.folder if (path / task.folder).is_dir() else path
@@ -105,7 +100,7 @@ def find_data_dir(task: Task, data_dir=None, download: bool = True) -> Path:
     glue_dir = os.environ.get("GLUE_DIR")
     if glue_dir and has_tsvs(Path(glue_dir) / task.folder):
         return Path(glue_dir) / task.folder
-    cached = cache_dir() / task.folder
+    cached = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "deebert" / "glue" / task.folder
     if not has_tsvs(cached):
         if not download:
             raise DeeBertError(f"no GLUE data for {task.folder} (GLUE_DIR={glue_dir or 'unset'}, cache {cached} "

@@ -23,12 +23,8 @@ class Tokenizer:
         for token in ("[CLS]", "[SEP]", "[PAD]"):
             if backend.token_to_id(token) is None:
                 raise DeeBertError(f"the tokenizer has no {token} token; it is not a BERT tokenizer")
-        self.backend, self.pad_id = backend, backend.token_to_id("[PAD]")
-        self.set_max_length(max_length)
-
-    def set_max_length(self, max_length: int) -> None:
         check_max_length(max_length)
-        self.max_length = max_length
+        self.backend, self.pad_id, self.max_length = backend, backend.token_to_id("[PAD]"), max_length
         self.backend.enable_truncation(max_length, strategy="longest_first")
         self.backend.enable_padding(pad_id=self.pad_id, pad_token="[PAD]")  # no length: pad to the longest
 
