@@ -131,30 +131,13 @@ def half_iqr(values: list) -> float:
     return (q3 - q1) / 2
 
 
-def measure_wall_clock(model, batches, S_values=PAPER_THRESHOLDS, budget_seconds: float = 30.0,
-                       min_rounds: int = 3, max_rounds: int = 10, target: float = 0.005) -> list[dict]:
-    """Time true early exit at each S against the full model, on the same batches, robustly to a busy machine.
-
-    In a round every batch runs the full model and each S back to back (the order reversed every other round),
-    so a disturbance from another process hits them alike; a round gives one ratio t(S) / t(full) per S.
-    Rounds go on until the median's uncertainty (spread / sqrt(rounds)) is below `target`, or the budget is
-    spent. Saving = 1 - the median ratio; spread = half the rounds' interquartile range. (torch.utils.benchmark
-    times one statement at a time; pairing two, batch by batch, is what keeps the ratio steady.)
-    One row per S (the first: the full model, S None): measured saving, spread, expected saving of these very
-    examples, their ratio. Batch size 1 times `early_exit`, larger ones `early_exit_batch`.
-    """
-    batches = list(batches)
-    if not batches:
-        raise DeeBertError("measure_wall_clock got no batches; pass at least one example")
-    device, n = next(model.parameters()).device, model.num_layers
-    runs = {None: lambda batch: full_model_logits(model, *model_inputs(model, batch))}
-    runs.update({S: lambda batch, S=check_threshold(S): exit_many(model, [batch], S) for S in S_values})
-    expected = {}
-    for S in S_values:  # untimed: where each example exits, and a warm-up of every code path
-        exit_layers = torch.cat([result.exit_layers for result in exit_many(model, batches, S)])
-        expected[S] = expected_saving(exit_layers, n)
-    seconds = {key: [] for key in runs}
-    started = time.perf_counter()
+def take_turns(runs: dict, batches: list, device, min_rounds: int, max_rounds: int, budget_seconds=0.0, target=0.0):
+    """{key: [seconds per round]} of runs[key](batch) over all `batches`. In a round every batch runs them all back to
+    back, in reverse order every other round, so a busy machine slows all alike (torch.utils.benchmark times one
+    statement at a time; pairing them, batch by batch, is what keeps a ratio steady). After `min_rounds`, rounds go
+    on until each run's ratio to the first is precise (spread / sqrt(rounds) <= target) or `budget_seconds` is spent."""
+    first, *others = runs
+    seconds, started = {key: [] for key in runs}, time.perf_counter()
     for round_ in range(max_rounds):
         order = list(runs) if round_ % 2 == 0 else list(reversed(runs))
         totals = dict.fromkeys(runs, 0.0)
@@ -163,17 +146,35 @@ def measure_wall_clock(model, batches, S_values=PAPER_THRESHOLDS, budget_seconds
                 totals[key] += seconds_of(runs[key], batch, device)
         for key in runs:
             seconds[key].append(totals[key])
-        ratios = [[t / full for t, full in zip(seconds[S], seconds[None])] for S in S_values]
+        ratios = [[t / t_first for t, t_first in zip(seconds[key], seconds[first])] for key in others]
         precise = all(half_iqr(r) / math.sqrt(len(r)) <= target for r in ratios)
         if round_ + 1 >= min_rounds and (precise or time.perf_counter() - started > budget_seconds):
             break
-    batch_size = max(len(batch["input_ids"]) for batch in batches)
-    rows = [{"S": None, "batch_size": batch_size, "seconds": statistics.median(seconds[None]), "measured_saving": 0.0,
-             "spread": 0.0, "expected_saving": 0.0, "ratio": None, "rounds": len(seconds[None])}]
-    for S, r in zip(S_values, ratios):
-        savings = [1 - x for x in r]
+    return seconds
+
+
+def measure_wall_clock(model, batches, S_values=PAPER_THRESHOLDS, budget_seconds: float = 30.0,
+                       min_rounds: int = 3, max_rounds: int = 10, target: float = 0.005) -> list[dict]:
+    """Time true early exit at each S against the full model, on the same batches (`take_turns`). A row per S (first
+    the full model, S None): measured saving, 1 - the rounds' median of t(S) / t(full); spread, half their
+    interquartile range; expected saving of these examples; their ratio. Batch 1 runs `early_exit`, larger batches
+    `early_exit_batch`."""
+    batches = list(batches)
+    if not batches:
+        raise DeeBertError("measure_wall_clock got no batches; pass at least one example")
+    device, n = next(model.parameters()).device, model.num_layers
+    exits = {S: torch.cat([r.exit_layers for r in exit_many(model, batches, S)]) for S in S_values}  # and a warm-up
+    # S values with the same exits on these examples do the very same work: each group is timed once, by its first S
+    timed = {S: next(s for s in S_values if torch.equal(exits[s], exits[S])) for S in S_values}
+    runs = {None: lambda batch: full_model_logits(model, *model_inputs(model, batch))}
+    runs.update({S: lambda batch, S=S: exit_many(model, [batch], S) for S in dict.fromkeys(timed.values())})
+    seconds = take_turns(runs, batches, device, min_rounds, max_rounds, budget_seconds, target)
+    expected = {None: 0.0, **{S: expected_saving(exits[S], n) for S in S_values}}  # the full model skips no layer
+    batch_size, rows = max(len(batch["input_ids"]) for batch in batches), []
+    for S in [None, *S_values]:  # the full model first: its ratio to itself is 1, a saving of 0
+        savings = [1 - t / full for t, full in zip(seconds[timed.get(S)], seconds[None])]
         measured, spread = statistics.median(savings), half_iqr(savings)
-        rows.append({"S": S, "batch_size": batch_size, "seconds": statistics.median(seconds[S]),
+        rows.append({"S": S, "batch_size": batch_size, "seconds": statistics.median(seconds[timed.get(S)]),
                      "measured_saving": measured, "spread": spread, "expected_saving": expected[S],
                      "ratio": measured / expected[S] if expected[S] > 0 else None, "rounds": len(savings)})
     return rows

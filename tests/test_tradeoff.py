@@ -15,6 +15,7 @@ from deebert.glue import per_layer_metrics
 from deebert.tradeoff import (binomial_tail, certify_S, choose_S, disagreement, measure_wall_clock,
                               predictions_at_exit, sweep, write_csv)
 import figures
+from deebert import tradeoff
 from figures import plot
 
 SST2 = get_task("sst-2")
@@ -207,3 +208,12 @@ def test_measure_wall_clock_rows(tiny, batch_size):
     assert rows[1]["expected_saving"] == 0.0 and rows[1]["ratio"] is None  # S = 0: no exit, nothing expected
     assert rows[3]["expected_saving"] == pytest.approx(2 / 3)  # S > ln 2: every input leaves at layer 1
     assert all(row["spread"] >= 0 for row in rows)
+
+
+def test_thresholds_with_the_same_exits_are_timed_once(tiny, monkeypatch):
+    model, tokenizer = tiny
+    timed, take_turns = [], tradeoff.take_turns
+    monkeypatch.setattr(tradeoff, "take_turns", lambda runs, *rest: timed.append(list(runs)) or take_turns(runs, *rest))
+    rows = measure_wall_clock(model, batches(tokenizer, examples(8), 4), [0, 1.0, 2.0], budget_seconds=0.1)
+    assert timed == [[None, 0, 1.0]]  # above ln 2 every input exits at layer 1: S = 2 does S = 1's work
+    assert rows[3]["seconds"] == rows[2]["seconds"] and rows[3]["measured_saving"] == rows[2]["measured_saving"]
