@@ -101,8 +101,10 @@ def _fill(model, weights: dict, path) -> None:
         raise DeeBertError(f"{path}: required tensor '{checkpoint_name(missing[0])}' is missing; incomplete checkpoint")
     model.load_state_dict(weights, strict=False, assign=True)
     for module in model.modules():
-        if any(p.is_meta for p in module.parameters(recurse=False)):
-            module.to_empty(device="cpu", recurse=False)
+        fresh = [name for name, p in module.named_parameters(recurse=False) if p.is_meta]
+        for name in fresh:  # torch.empty, not module.to_empty: on meta tensors that imports sympy, a second
+            setattr(module, name, torch.nn.Parameter(torch.empty(getattr(module, name).shape)))
+        if fresh:
             init_weights(module)
 
 
