@@ -77,9 +77,8 @@ def _check_entry(path, name: str, entry, data_size: int) -> None:
 def load_file(path) -> dict[str, torch.Tensor]:
     """Read every tensor of a safetensors file, as views of the memory-mapped file."""
     header, data_start = read_header(path)
-    file_size = Path(path).stat().st_size
     # Map the whole file privately: pages are read on first use; writing to a tensor never touches the file.
-    file_bytes = torch.from_file(str(path), shared=False, size=file_size, dtype=torch.uint8)
+    file_bytes = torch.from_file(str(path), shared=False, size=Path(path).stat().st_size, dtype=torch.uint8)
     header.pop("__metadata__", None)  # strings, not tensors
     tensors = {}
     for name, entry in header.items():
