@@ -130,7 +130,7 @@ def bench_exit(args, device, tf=None, batch_size: int = 32) -> dict:
     """Section 2: measure_wall_clock at batch 1 and `batch_size`, in data order and sorted by length. The full
     model's ms per example, in each column, shows what sorting by length buys."""
     def show_saving(row: dict) -> str:  # a measure_wall_clock row as "saving ± spread (saving / expected)"
-        ratio = f" ({row['ratio']:.2f})" if row["ratio"] else ""
+        ratio = f" ({row['ratio']:.2f})" if row["ratio"] and row["measured_saving"] > row["spread"] else ""  # a saving
         return f"{100 * row['measured_saving']:.1f}% ±{100 * row['spread']:.1f}{ratio}"
     if args.checkpoint is None:
         return {"skipped": "no --checkpoint, no runs/sst-2: python train.py --task sst-2 --output_dir runs/sst-2"}

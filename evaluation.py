@@ -34,7 +34,8 @@ def print_timing(timing: list) -> None:
     for row in timing[1:]:
         saving = f"{100 * row['measured_saving']:5.1f}% ± {100 * row['spread']:.1f}"
         noise = abs(row["measured_saving"]) <= row["spread"]  # not told apart from no saving at all
-        ratio = "within noise" if noise else "-" if row["ratio"] is None else f"{row['ratio']:.2f}"
+        slower = row["measured_saving"] < 0  # what the off-ramps on the way cost is more than the layers skipped
+        ratio = "within noise" if noise else "slower" if slower else "-" if row["ratio"] is None else f"{row['ratio']:.2f}"
         print(f"{row['S']:>8g}  {row['batch_size']:>5}  {saving:>17}  {100 * row['expected_saving']:7.1f}%  {ratio:>17}  {row['rounds']:>6}")
 
 

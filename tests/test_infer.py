@@ -329,6 +329,8 @@ def test_S_type_refuses_nan_and_negatives_and_takes_auto():
 def test_a_saving_inside_its_spread_is_printed_as_noise(capsys):
     row = {"batch_size": 1, "expected_saving": 0.3, "rounds": 5}
     evaluation.print_timing([{}, {**row, "S": 0.0, "measured_saving": 0.004, "spread": 0.01, "ratio": None},
-                        {**row, "S": 0.3, "measured_saving": 0.27, "spread": 0.01, "ratio": 0.9}])
+                             {**row, "S": 0.3, "measured_saving": 0.27, "spread": 0.01, "ratio": 0.9},
+                             {**row, "S": 0.01, "measured_saving": -0.08, "spread": 0.01, "ratio": -5.5}])
     lines = capsys.readouterr().out.splitlines()
     assert "within noise" in lines[1] and "0.90" in lines[2] and "within noise" not in lines[2]
+    assert "slower" in lines[3] and "-5.5" not in lines[3]  # a cost, not a ratio of a cost to a saving
