@@ -291,8 +291,7 @@ def main(argv=None) -> int:
             write_atomically(args.json, lambda temporary: temporary.write_text(json.dumps(results, indent=2) + "\n"))
             print(f"\nwrote {args.json}")
     except DeeBertError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return err.report()
     return 0
 
 

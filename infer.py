@@ -153,7 +153,7 @@ def classify(model, tokenizer, examples: list, S: float, batch_size: int) -> lis
     chunks = list(batches(tokenizer, examples, batch_size, by_length(tokenizer, examples)))
     for batch, out in zip(chunks, exit_many(model, chunks, S)):
         for k, index in enumerate(batch["index"].tolist()):
-            probability, best = out.probabilities[k].max(dim=-1)
+            probability, best = out.logits[k].float().softmax(dim=-1).max(dim=-1)
             results[index] = {"label": model.config.labels[best], "probability": round(float(probability), 6),
                               "exit_layer": int(out.exit_layers[k]), "truncated": bool(batch["truncated"][k]),
                               "entropies": [round(e, 6) for e in out.entropies[k].tolist() if not math.isnan(e)]}
@@ -221,8 +221,7 @@ def main(argv=None) -> int:
         else:
             raise DeeBertError("nothing to do: give a text, a pair of texts, --file PATH, or --eval")
     except DeeBertError as error:
-        print(f"error: {' '.join(str(error).splitlines())}", file=sys.stderr)
-        return 2
+        return error.report()
     return 0
 
 

@@ -277,7 +277,6 @@ if __name__ == "__main__":
         main()  # a bad flag, a missing file, ...: a DeeBertError, one line
     except DeeBertError as err:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every process fails alike: one line is enough
-            print(f"error: {err}", file=sys.stderr)
-        else:
-            time.sleep(2)  # the others wait, so torchrun does not stop rank 0 before it has printed
+            sys.exit(err.report())
+        time.sleep(2)  # the others wait, so torchrun does not stop rank 0 before it has printed
         sys.exit(2)

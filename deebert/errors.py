@@ -1,12 +1,18 @@
-"""Bad input: the one exception type this project raises for it (a file, a flag, a checkpoint), and the command
-line's checks that raise it. The message is one line that names the problem and the fix; train.py, infer.py and
-bench.py print it as `error: <message>`, not as a traceback. Anything else is a bug and keeps its traceback."""
+"""Bad input: the one exception type this project raises for it (a file, a flag, a checkpoint), the command
+line's checks that raise it, and how the scripts report it: one line `error: <message>` that names the problem
+and the fix, exit code 2, no traceback. Anything else is a bug and keeps its traceback."""
 
 import argparse
+import sys
 
 
 class DeeBertError(Exception):
     """Bad input: the message is one line, names what is wrong, and says what to do."""
+
+    def report(self) -> int:
+        """Print the message as one line `error: ...` on stderr; return 2, the scripts' exit code for bad input."""
+        print(f"error: {' '.join(str(self).splitlines())}", file=sys.stderr)
+        return 2
 
 
 def number(kind=float, low: float = 0, high: float = float("inf"), open_ends: bool = False):

@@ -100,10 +100,6 @@ class ExitResult:
     exit_layer: int  # 1-based: 1 is the first transformer layer, n the last
     entropies: list  # one float per layer that ran: len(entropies) == exit_layer
 
-    @property
-    def label(self) -> int:
-        return int(self.logits.argmax())
-
 
 @torch.inference_mode()
 def early_exit(model, input_ids, token_type_ids=None, attention_mask=None, S: float = 0.0) -> ExitResult:
@@ -138,10 +134,6 @@ class BatchExitResult:
     logits: torch.Tensor  # (B, C), each row from the off-ramp where that example exited
     exit_layers: torch.Tensor  # (B,) long, 1-based
     entropies: torch.Tensor  # (B, n) float32; NaN for the layers an example never reached
-
-    @property
-    def probabilities(self) -> torch.Tensor:
-        return self.logits.float().softmax(dim=-1)  # (B, C)
 
 
 @torch.inference_mode()
