@@ -98,7 +98,7 @@ def wordpiece_from_vocab(vocab_file: Path, lowercase: bool = True) -> HFTokenize
 
 def by_length(tokenizer: Tokenizer, examples: list) -> list:
     """Indices of `examples` from the shortest input to the longest (in tokens). Batches cut in this order
-    carry little padding: at batch 32 on SST-2 dev the full model takes 0.57 of its data-order time (bench.py)."""
+    carry little padding: at batch 32 on SST-2 dev the full model takes 0.5-0.7 of its data-order time (bench.py)."""
     pairs = [e.text_a if e.text_b is None else (e.text_a, e.text_b) for e in examples]
     lengths = [sum(encoding.attention_mask) for encoding in tokenizer.backend.encode_batch(pairs)]  # w/o padding
     return sorted(range(len(examples)), key=lengths.__getitem__)
