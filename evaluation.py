@@ -20,7 +20,6 @@ from deebert.tradeoff import PAPER_THRESHOLDS, certify_S, choose_S, disagreement
 from figures import plot
 
 
-
 def print_sweep(rows: list, task, n: int) -> None:
     print(f"{'S':>8}  " + "  ".join(f"{m:>9}" for m in task.metrics) + "  avg exit layer  expected saving  drop (points)")
     for row in rows:
@@ -29,14 +28,20 @@ def print_sweep(rows: list, task, n: int) -> None:
         print(f"{S:>8}  {values}  {row['avg_exit_layer']:>8.2f} / {n:<3}  {100 * row['expected_saving']:>14.1f}%  {row['drop']:>13.2f}")
 
 
+def verdict(row: dict) -> str:
+    """A measure_wall_clock row's measured / expected saving as text (bench.py prints it too)."""
+    if abs(row["measured_saving"]) <= row["spread"]:
+        return "within noise"  # not told apart from no saving at all
+    if row["measured_saving"] < 0:
+        return "slower"  # the off-ramps on the way cost more than the layers skipped: a cost, not a ratio
+    return "-" if row["ratio"] is None else f"{row['ratio']:.2f}"
+
+
 def print_timing(timing: list) -> None:
     print(f"{'S':>8}  batch  {'measured saving':>17}  {'expected':>8}  measured/expected  rounds")
     for row in timing[1:]:
         saving = f"{100 * row['measured_saving']:5.1f}% ± {100 * row['spread']:.1f}"
-        noise = abs(row["measured_saving"]) <= row["spread"]  # not told apart from no saving at all
-        slower = row["measured_saving"] < 0  # what the off-ramps on the way cost is more than the layers skipped
-        ratio = "within noise" if noise else "slower" if slower else "-" if row["ratio"] is None else f"{row['ratio']:.2f}"
-        print(f"{row['S']:>8g}  {row['batch_size']:>5}  {saving:>17}  {100 * row['expected_saving']:7.1f}%  {ratio:>17}  {row['rounds']:>6}")
+        print(f"{row['S']:>8g}  {row['batch_size']:>5}  {saving:>17}  {100 * row['expected_saving']:7.1f}%  {verdict(row):>17}  {row['rounds']:>6}")
 
 
 def held_out_report(name: str, S: float, logits, labels, task) -> str:
@@ -49,6 +54,7 @@ def held_out_report(name: str, S: float, logits, labels, task) -> str:
 
 def calibrate(args, model, tokenizer, task, checkpoint, examples, logits, labels, S_values, calibration) -> None:
     """Certify S on half the dev set (or --calibration_file) and report it on the dev examples it did not see."""
+    by_drop = None  # with half the dev set: the S that --max_drop picks on that half, for comparison
     if calibration:  # infer.py read --calibration_file into examples
         cal_logits, _ = full_pass(model, batches(tokenizer, calibration, args.eval_batch_size, by_length(tokenizer, calibration)))
         test, source = torch.arange(len(examples)), f"{len(calibration)} unlabelled texts of {args.calibration_file}"
@@ -61,7 +67,7 @@ def calibrate(args, model, tokenizer, task, checkpoint, examples, logits, labels
     print(f"\ncertified on {source}: S = {result['S']:g} disagrees with the full model on at most "
           f"{100 * args.max_disagree:g}% of such inputs, with probability >= {1 - args.delta:g}")
     print(held_out_report("certified", result["S"], logits[test], labels[test], task))
-    if not args.calibration_file and by_drop is not None:
+    if by_drop is not None:
         print(held_out_report(f"--max_drop {args.max_drop:g}, chosen on the same half:", by_drop, logits[test], labels[test], task))
     path = checkpoint / "results.json"
     results = json.loads(path.read_text()) if path.is_file() else {}

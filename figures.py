@@ -9,13 +9,14 @@ after each stage (Figure 4), where examples exit (Figure 6), measured against ex
 and the trade-off (Figure 2), from a run folder holding results.json and tradeoff.csv.
 """
 
-import argparse
 import csv
 import json
 import math
+import sys
 from pathlib import Path
 
 from deebert.config import BertConfig
+from deebert.errors import DeeBertError, Parser
 from deebert.files import write_atomically
 from deebert.tradeoff import PAPER_THRESHOLDS
 
@@ -180,7 +181,7 @@ def draw_entropy(axes) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="figures.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", default="runs/sst-2", help="a run folder: config.json, results.json, tradeoff.csv (default: %(default)s)")
     parser.add_argument("--out", default="tutorial/figures", help="where the PNGs go (default: %(default)s)")
     args = parser.parse_args(argv)
@@ -203,7 +204,7 @@ def main(argv=None) -> None:
     for name, draw in draws.items():
         figure = new_figure(figsize=(6, 6 if name == "model" else 4), dpi=110)
         if figure is None:
-            raise SystemExit("error: figures.py draws with matplotlib; pip install matplotlib")
+            raise DeeBertError("figures.py draws with matplotlib, which is not installed; pip install matplotlib")
         axes = figure.add_subplot()
         draw(axes)
         if name != "model":
@@ -216,4 +217,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DeeBertError as error:  # a run folder without config.json, no matplotlib: one line
+        sys.exit(error.report())

@@ -126,14 +126,14 @@ def as_example(texts: list, task, where: str) -> Example:
     return Example(texts[0], texts[1] if task.is_pair else None, None)
 
 
-def read_examples(file_arg: str, task) -> list:
-    """One Example per line of --file PATH (or - for standard input); every bad line is named by its number."""
+def read_examples(file_arg: str, task, flag: str = "--file") -> list:
+    """One Example per line of `flag` PATH (or - for standard input); every bad line is named by its number."""
     if file_arg == "-":
         name, data = "standard input", sys.stdin.buffer.read()
     elif Path(file_arg).is_file():
         name, data = file_arg, Path(file_arg).read_bytes()
     else:
-        raise DeeBertError(f"--file {file_arg} not found; pass a text file with one input per line, or - for stdin")
+        raise DeeBertError(f"{flag} {file_arg} not found; pass a text file with one input per line, or - for stdin")
     lines = data.removeprefix(b"\xef\xbb\xbf").removesuffix(b"\n").split(b"\n")  # no byte-order mark, no last newline
     if lines == [b""]:
         raise DeeBertError(f"{name} holds no inputs; give one input per line")
@@ -168,14 +168,14 @@ def print_one(result: dict, n: int, args) -> None:
         print(f"note: the input was longer than --max_length {args.max_length} tokens and was truncated")
 
 
-def print_line(number: int, example: Example, result: dict, n: int, args) -> None:
+def print_line(k: int, example: Example, result: dict, n: int, args) -> None:
     text = example.text_a if example.text_b is None else f"{example.text_a} | {example.text_b}"
     cut = f"  (truncated to {args.max_length} tokens)" if result["truncated"] else ""
     shown = text if len(text) <= 60 else text[:57] + "..."
-    print(f"{number:>4}  {result['label']}  p={result['probability']:.3f}  exit {result['exit_layer']}/{n}  {shown}{cut}")
+    print(f"{k:>4}  {result['label']}  p={result['probability']:.3f}  exit {result['exit_layer']}/{n}  {shown}{cut}")
 
 
-def print_json(number: int, example: Example, result: dict, n: int, args) -> None:
+def print_json(k: int, example: Example, result: dict, n: int, args) -> None:
     texts = {"text": example.text_a, **({"text_b": example.text_b} if example.text_b is not None else {})}
     print(json.dumps({**texts, **result, "num_layers": n}, ensure_ascii=False))
 
@@ -211,10 +211,13 @@ def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if args.eval:
-            if args.texts or args.file or (args.S and "auto" in args.S):
-                raise DeeBertError("--eval sweeps numeric S over the dev set; drop the texts, --file and --S auto (or drop --eval)")
+            given = "texts" if args.texts else "--file" if args.file else "--S auto" if args.S and "auto" in args.S else None
+            if given:
+                raise DeeBertError(f"--eval sweeps numeric S over the dev set; drop {given} (or drop --eval)")
+            if args.calibration_file and not args.max_disagree:
+                raise DeeBertError("--calibration_file calibrates --max_disagree; give --max_disagree 0.05 with it, or drop it")
             model, tokenizer, task, checkpoint = load(args)
-            calibration = read_examples(args.calibration_file, task) if args.calibration_file else None
+            calibration = read_examples(args.calibration_file, task, "--calibration_file") if args.calibration_file else None
             evaluation.run_eval(args, model, tokenizer, task, checkpoint, calibration)
         elif args.texts or args.file:
             run_texts(args)

@@ -102,7 +102,7 @@ def _fill(model, weights: dict, path) -> None:
     model.load_state_dict(weights, strict=False, assign=True)
     for module in model.modules():
         fresh = [name for name, p in module.named_parameters(recurse=False) if p.is_meta]
-        for name in fresh:  # torch.empty, not module.to_empty: on meta tensors that imports sympy, a second
+        for name in fresh:  # torch.empty, not module.to_empty, which on the meta device imports sympy (1 s)
             setattr(module, name, torch.nn.Parameter(torch.empty(getattr(module, name).shape)))
         if fresh:
             init_weights(module)

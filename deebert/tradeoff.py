@@ -162,19 +162,20 @@ def measure_wall_clock(model, batches, S_values=PAPER_THRESHOLDS, budget_seconds
     batches = list(batches)
     if not batches:
         raise DeeBertError("measure_wall_clock got no batches; pass at least one example")
-    device, n = next(model.parameters()).device, model.num_layers
+    device, n, S_values = next(model.parameters()).device, model.num_layers, [check_threshold(S) for S in S_values]
     exits = {S: torch.cat([r.exit_layers for r in exit_many(model, batches, S)]) for S in S_values}  # and a warm-up
     # S values with the same exits on these examples do the very same work: each group is timed once, by its first S
-    timed = {S: next(s for s in S_values if torch.equal(exits[s], exits[S])) for S in S_values}
+    timed_as = {None: None, **{S: next(s for s in S_values if torch.equal(exits[s], exits[S])) for S in S_values}}
+    timed = [S for S in dict.fromkeys(timed_as.values()) if S is not None]  # one S of each group
     runs = {None: lambda batch: full_model_logits(model, *model_inputs(model, batch))}
-    runs.update({S: lambda batch, S=S: exit_many(model, [batch], S) for S in dict.fromkeys(timed.values())})
+    runs.update({S: lambda batch, S=S: exit_many(model, [batch], S) for S in timed})
     seconds = take_turns(runs, batches, device, min_rounds, max_rounds, budget_seconds, target)
     expected = {None: 0.0, **{S: expected_saving(exits[S], n) for S in S_values}}  # the full model skips no layer
     batch_size, rows = max(len(batch["input_ids"]) for batch in batches), []
     for S in [None, *S_values]:  # the full model first: its ratio to itself is 1, a saving of 0
-        savings = [1 - t / full for t, full in zip(seconds[timed.get(S)], seconds[None])]
+        savings = [1 - t / full for t, full in zip(seconds[timed_as[S]], seconds[None])]
         measured, spread = statistics.median(savings), half_iqr(savings)
-        rows.append({"S": S, "batch_size": batch_size, "seconds": statistics.median(seconds[timed.get(S)]),
+        rows.append({"S": S, "batch_size": batch_size, "seconds": statistics.median(seconds[timed_as[S]]),
                      "measured_saving": measured, "spread": spread, "expected_saving": expected[S],
                      "ratio": measured / expected[S] if expected[S] > 0 else None, "rounds": len(savings)})
     return rows

@@ -152,7 +152,7 @@ def test_without_a_checkpoint_the_exit_section_says_how_to_make_one_and_the_gpu_
     (["--sections", "forward,speed"], "--sections"),
     (["--threads", "0"], "argument --threads: 0 is outside [1, inf]"),
     (["--threads", "two"], "invalid int value"),
-    (["--S", "-1"], "argument --S: -1 is outside [0, inf]"),
+    (["--S", "-1"], "threshold S = -1.0 must be a number >= 0"),
     (["--speed"], "unrecognized arguments: --speed"),
     (["--device", "tpu"], "--device tpu"),
     (["--sections", "exit", "--checkpoint", "{tiny}"], "names no task"),  # a pretrained BERT is not fine-tuned

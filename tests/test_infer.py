@@ -183,7 +183,10 @@ def test_bad_input_as_a_user_sees_it(checkpoints, tmp_path):
     (["a", "--model", "{sst-2}", "--batch_size", "0"], ["--batch_size", "0 is outside [1, inf]"]),
     (["--model", "{sst-2}", "--file", "{missing}"], ["--file", "not found"]),
     (["a", "--model", "{sst-2}", "--file", "{missing}"], ["texts on the command line or --file, not both"]),
-    (["--eval", "a", "--model", "{sst-2}"], ["--eval sweeps numeric S over the dev set"]),
+    (["--eval", "a", "--model", "{sst-2}"], ["--eval sweeps numeric S over the dev set; drop texts"]),
+    (["--eval", "--model", "{sst-2}", "--calibration_file", "x.txt"], ["--calibration_file calibrates --max_disagree"]),
+    (["--eval", "--model", "{sst-2}", "--max_disagree", "0.1", "--calibration_file", "{missing}"],
+     ["--calibration_file", "not found"]),
     (["a", "--model", "{sst-2}", "--device", "tpu"], ["--device tpu"]),
 ])
 def test_bad_input_gives_one_line_error(checkpoints, tmp_path, capsys, argv, fragments):
