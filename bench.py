@@ -51,8 +51,6 @@ def stat(values) -> dict:
 
 def time_per_example(runs: dict, batches: list, device, rounds: int) -> dict:
     """Milliseconds per example of each run(batch) over `batches`, `rounds` rounds of take_turns; ours / theirs too."""
-    for run in runs.values():  # an untimed warm-up: a first call pays for allocations (AdamW's: for its state)
-        run(batches[0])
     seconds = take_turns(runs, batches, device, min_rounds=rounds, max_rounds=rounds)
     examples = sum(len(batch["input_ids"]) for batch in batches)
     result = {who: stat([1000 * s / examples for s in times]) for who, times in seconds.items()}

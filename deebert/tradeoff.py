@@ -5,10 +5,9 @@
    a second pass. The expected saving, 1 - sum_i i * N_i / (n * N), is the fraction of layers not run (4.3).
 2. A threshold with a guarantee (`certify_S`): the largest S whose early exits agree with the full model
    on all but a fraction epsilon of inputs like the calibration set, with probability at least 1 - delta.
-3. *Measured* wall-clock saving (`measure_wall_clock`): true early exit against the full model (all layers,
-   only the last off-ramp) on the same batches; it also pays for the embeddings and the off-ramps on the
-   way, so measured / expected is usually a little below 1. The paper times one input at a time; we also
-   time batches. `write_csv` keeps every number; `figures.py` draws the paper's figures from them."""
+3. *Measured* wall-clock saving (`measure_wall_clock`): true early exit against the full model (all layers, only
+   the last off-ramp) on the same batches. It also pays for the off-ramps on the way and the embeddings, so measured
+   / expected is below 1, the more so the fewer layers are skipped. `write_csv` keeps every number."""
 
 import csv
 import math
@@ -19,7 +18,7 @@ import torch
 
 from deebert.errors import DeeBertError
 from deebert.exit import (check_threshold, entropy, exit_layers_from_entropies, exit_many, expected_saving,
-                          full_model_logits, model_inputs)
+                          full_model_logits, full_pass, model_inputs)
 from deebert.files import write_atomically
 from deebert.glue import compute_metrics
 
@@ -136,6 +135,8 @@ def take_turns(runs: dict, batches: list, device, min_rounds: int, max_rounds: i
     back, in reverse order every other round, so a busy machine slows all alike (torch.utils.benchmark times one
     statement at a time; pairing them, batch by batch, is what keeps a ratio steady). After `min_rounds`, rounds go
     on until each run's ratio to the first is precise (spread / sqrt(rounds) <= target) or `budget_seconds` is spent."""
+    for run in runs.values():  # an untimed warm-up: a first call pays for allocations (AdamW's: for its state)
+        run(batches[0])
     first, *others = runs
     seconds, started = {key: [] for key in runs}, time.perf_counter()
     for round_ in range(max_rounds):
@@ -155,20 +156,20 @@ def take_turns(runs: dict, batches: list, device, min_rounds: int, max_rounds: i
 
 def measure_wall_clock(model, batches, S_values=PAPER_THRESHOLDS, budget_seconds: float = 30.0,
                        min_rounds: int = 3, max_rounds: int = 10, target: float = 0.005) -> list[dict]:
-    """Time true early exit at each S against the full model, on the same batches (`take_turns`). A row per S (first
-    the full model, S None): measured saving, 1 - the rounds' median of t(S) / t(full); spread, half their
-    interquartile range; expected saving of these examples; their ratio. Batch 1 runs `early_exit`, larger batches
-    `early_exit_batch`."""
+    """Time true early exit at each S against the full model on the same batches (`take_turns`). A row per S, the full
+    model (S None) first: measured saving, 1 - the rounds' median of t(S) / t(full), and its spread, half their IQR;
+    the expected saving of these examples; their ratio. Batch 1 runs `early_exit`, larger batches `early_exit_batch`."""
     batches = list(batches)
     if not batches:
         raise DeeBertError("measure_wall_clock got no batches; pass at least one example")
     device, n, S_values = next(model.parameters()).device, model.num_layers, [check_threshold(S) for S in S_values]
-    exits = {S: torch.cat([r.exit_layers for r in exit_many(model, batches, S)]) for S in S_values}  # and a warm-up
+    entropies = entropy(full_pass(model, batches)[0])  # (N, n): one pass gives every S's exits, as in `sweep`
+    exits = {S: exit_layers_from_entropies(entropies, S) for S in S_values}
     # S values with the same exits on these examples do the very same work: each group is timed once, by its first S
     timed_as = {None: None, **{S: next(s for s in S_values if torch.equal(exits[s], exits[S])) for S in S_values}}
-    timed = [S for S in dict.fromkeys(timed_as.values()) if S is not None]  # one S of each group
     runs = {None: lambda batch: full_model_logits(model, *model_inputs(model, batch))}
-    runs.update({S: lambda batch, S=S: exit_many(model, [batch], S) for S in timed})
+    for S in dict.fromkeys(S for S in timed_as.values() if S is not None):  # one S of each group
+        runs[S] = lambda batch, S=S: exit_many(model, [batch], S)
     seconds = take_turns(runs, batches, device, min_rounds, max_rounds, budget_seconds, target)
     expected = {None: 0.0, **{S: expected_saving(exits[S], n) for S in S_values}}  # the full model skips no layer
     batch_size, rows = max(len(batch["input_ids"]) for batch in batches), []
