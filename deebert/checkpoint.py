@@ -8,7 +8,7 @@ Real checkpoints name their tensors in a few ways:
     cls.predictions.*, embeddings.position_ids, classifier.*   (pre-training heads, a buffer, a head)
 
 `module_name()` maps each onto our names through one table, NAME_TABLE, and ignores the rest.
-`save_checkpoint()` keeps BERT's usual names (so `transformers.BertModel` loads it too), plus `off_ramps.{i}.*`."""
+`save_checkpoint()` keeps BERT's usual names, plus `off_ramps.{i}.*`, so that transformers loads it too (see there)."""
 
 import contextlib
 import json
@@ -150,21 +150,27 @@ def load_bert(source) -> BertModel:
     return _load(source, BertModel, torch.float32)
 
 
-def load_deebert(source, labels: list | None = None, pooling: str | None = None, dtype=torch.float32) -> DeeBert:
+def load_deebert(source, labels: list | None = None, pooling: str | None = None, dtype=torch.float32,
+                 num_layers: int | None = None) -> DeeBert:
     """DeeBERT from a checkpoint directory (or hub id), every parameter in `dtype`. A fine-tuned checkpoint
     (saved by train.py) brings its off-ramps, labels and pooling. A pretrained BERT gets fresh off-ramps for
-    `labels`, each off-ramp's pooler a copy of the checkpoint's pooler, as in the authors' code (paper section 3)."""
+    `labels`, each off-ramp's pooler a copy of the checkpoint's pooler, as in the authors' code (paper section 3);
+    with `num_layers` K, only its first K layers: the static baseline that always runs K layers."""
     def adapt(directory, config, weights):
         if any(name.startswith("off_ramps.") for name in weights):  # fine-tuned
             if labels is not None and list(labels) != config.labels:
                 raise DeeBertError(f"{directory} was fine-tuned for labels {config.labels}, not {list(labels)}")
             if pooling is not None and pooling != config.off_ramp_pooling:
                 raise DeeBertError(f"{directory} was trained with --pooling {config.off_ramp_pooling}, not {pooling}")
+            if num_layers is not None:
+                raise DeeBertError(f"{directory} is fine-tuned already; --layers takes a pretrained BERT")
             return {k: v for k, v in weights.items() if not k.startswith("pooler.")}  # a copy of the last off-ramp's
         if not labels:
             raise DeeBertError(f"{directory} has no off-ramps; fine-tune it first with train.py")
         config.labels = list(labels)
         config.off_ramp_pooling = pooling or config.off_ramp_pooling
+        if num_layers is not None:
+            weights = first_layers(weights, config, num_layers, directory)
         poolers = {name: weights.pop(name) for name in list(weights) if name.startswith("pooler.dense.")}
         for i in range(config.num_hidden_layers):
             for name, tensor in poolers.items():  # "pooler.dense.weight" -> "off_ramps.{i}.pooler.weight"
@@ -174,6 +180,17 @@ def load_deebert(source, labels: list | None = None, pooling: str | None = None,
     return _load(source, DeeBert, dtype, adapt)
 
 
+def first_layers(weights: dict, config, K: int, directory) -> dict:
+    """Keep the embeddings and the first K layers of a pretrained BERT; config.num_hidden_layers becomes K."""
+    if not 1 <= K <= config.num_hidden_layers:
+        raise DeeBertError(f"--layers {K}: {directory} has {config.num_hidden_layers} layers; "
+                           f"give K in 1..{config.num_hidden_layers}")
+    config.num_hidden_layers = K
+    layer = re.compile(r"encoder\.layers\.(\d+)\.")
+    return {name: tensor for name, tensor in weights.items()
+            if not (match := layer.match(name)) or int(match[1]) < K}
+
+
 def check_output_dir(output_dir: Path, overwrite: bool) -> None:
     """A file, or a folder with something in it (unless overwrite), is no place to save: say so before any work."""
     if output_dir.exists() and (not output_dir.is_dir() or (any(output_dir.iterdir()) and not overwrite)):
@@ -181,13 +198,22 @@ def check_output_dir(output_dir: Path, overwrite: bool) -> None:
 
 
 def save_checkpoint(model: DeeBert, tokenizer, output_dir, extra_json: dict | None = None, overwrite=False) -> Path:
-    """Write a self-contained fine-tuned checkpoint, atomically (an interrupted save leaves the old one)."""
+    """Write a self-contained fine-tuned checkpoint, atomically (an interrupted save leaves the old one).
+
+    transformers loads it too. With [CLS] off-ramps (the paper's) the last off-ramp is BERT's own classification
+    head, so it is saved a second time under BERT's names, `pooler.dense.*` and `classifier.*`:
+    `transformers.BertForSequenceClassification` then gives exactly the full model's logits. A mean-pooling off-ramp
+    has no such equivalent (transformers' head reads [CLS]): that checkpoint carries neither, and transformers can
+    load it as a `BertModel` only, whose hidden states are ours and whose pooler is untrained."""
     output_dir = Path(output_dir)
     check_output_dir(output_dir, overwrite)
     tensors = {checkpoint_name(name): t.detach().float() if t.is_floating_point() else t
                for name, t in model.state_dict().items()}
-    for kind in ("weight", "bias"):  # transformers' BertModel reads the last off-ramp's pooler as its pooler
-        tensors[f"pooler.dense.{kind}"] = tensors[f"off_ramps.{model.num_layers - 1}.pooler.{kind}"]
+    if model.config.off_ramp_pooling == "cls":
+        last = f"off_ramps.{model.num_layers - 1}"
+        for kind in ("weight", "bias"):
+            tensors[f"pooler.dense.{kind}"] = tensors[f"{last}.pooler.{kind}"]
+            tensors[f"classifier.{kind}"] = tensors[f"{last}.classifier.{kind}"]
 
     def write(directory: Path) -> None:
         directory.mkdir()

@@ -53,6 +53,9 @@ class BertConfig:
             raise DeeBertError(f"{source} is missing the field '{missing[0]}'; it is not a BERT config.json")
         if values.get("model_type", "bert") != "bert":
             raise DeeBertError(f"{source} has model_type '{values['model_type']}'; deebert loads BERT checkpoints only")
+        if values.get("position_embedding_type", "absolute") != "absolute":
+            raise DeeBertError(f"{source} has position_embedding_type '{values['position_embedding_type']}'; "
+                               "deebert's BERT has learned absolute positions only")
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
 
@@ -69,8 +72,11 @@ class BertConfig:
         return cls.from_dict(values, str(path))
 
     def to_dict(self) -> dict:
-        """The checkpoint's form: BERT's fields plus ours, with the keys transformers needs to load it."""
-        values = {**asdict(self), "model_type": "bert", "architectures": ["BertModel"]}
+        """The checkpoint's form: BERT's fields plus ours, with the keys transformers needs to load it. With [CLS]
+        off-ramps the last one is BERT's own classifier head, which checkpoint.py saves for transformers too."""
+        head = self.labels and self.off_ramp_pooling == "cls"
+        architecture = "BertForSequenceClassification" if head else "BertModel"
+        values = {**asdict(self), "model_type": "bert", "architectures": [architecture]}
         if self.labels:  # transformers reads these names for a classifier head
             values["id2label"] = {str(i): name for i, name in enumerate(self.labels)}
             values["label2id"] = {name: i for i, name in enumerate(self.labels)}

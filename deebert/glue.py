@@ -118,6 +118,12 @@ class Example:
     label: int
 
 
+def unlabelled(inputs: list) -> list[Example]:
+    """Texts, or (text_a, text_b) pairs, as Examples without labels: unlabelled(["a film"]) -> [Example("a film",
+    None, None)]."""
+    return [Example(text, None, None) if isinstance(text, str) else Example(*text, None) for text in inputs]
+
+
 def _example(task: Task, row: list, where: str) -> Example:
     """One TSV row as an Example; `where` is "<file> line <n>", for the error messages."""
     last_text = max(task.text_columns)  # MNLI's label, column -1, comes after its texts

@@ -22,11 +22,13 @@ ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu,  # BERT's "gelu" is the exact one
                "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
-def embedding(num: int, dim: int) -> nn.Embedding:
-    """A lookup table of `num` vectors, zeros until a checkpoint or `init_weights` fills it. Passing the weight
-    skips nn.Embedding's own N(0, 1) draw, which BERT does not use anyway and which, on the meta device where
-    `checkpoint.py` builds models, costs a second of one-time set-up."""
-    return nn.Embedding(num, dim, _weight=torch.zeros(num, dim))
+class Embedding(nn.Embedding):
+    """nn.Embedding without its own N(0, 1) draw, which BERT never uses: the model's constructor draws BERT's
+    N(0, 0.02) for every weight (init_weights), and on the meta device, where checkpoint.py builds a model to fill
+    from a file, that first draw alone would load torch's compiler (about 1.7 s)."""
+
+    def reset_parameters(self):
+        pass
 
 
 class Embeddings(nn.Module):
@@ -34,13 +36,15 @@ class Embeddings(nn.Module):
 
     def __init__(self, config: BertConfig):
         super().__init__()
-        self.word_embeddings = embedding(config.vocab_size, config.hidden_size)
-        self.position_embeddings = embedding(config.max_position_embeddings, config.hidden_size)
-        self.token_type_embeddings = embedding(config.type_vocab_size, config.hidden_size)
+        self.word_embeddings = Embedding(config.vocab_size, config.hidden_size)
+        self.position_embeddings = Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = Embedding(config.type_vocab_size, config.hidden_size)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, input_ids, token_type_ids):
+    def forward(self, input_ids, token_type_ids=None):
+        if token_type_ids is None:  # one text: every token in segment A
+            token_type_ids = torch.zeros_like(input_ids)
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,)
         x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)  # (B, T, H)
         x = x + self.position_embeddings(positions)  # (T, H) broadcasts over the batch
@@ -54,7 +58,9 @@ class SelfAttention(nn.Module):
         super().__init__()
         H = config.hidden_size
         self.num_heads = config.num_attention_heads
-        self.query, self.key, self.value = nn.Linear(H, H), nn.Linear(H, H), nn.Linear(H, H)
+        self.query = nn.Linear(H, H)
+        self.key = nn.Linear(H, H)
+        self.value = nn.Linear(H, H)
         self.output = nn.Linear(H, H)
         self.dropout_prob = config.attention_probs_dropout_prob
 
@@ -92,9 +98,10 @@ class Layer(nn.Module):
 
 
 def attention_mask_for(attention_mask):
-    """(B, T) of 1 (token) / 0 (padding) -> (B, 1, 1, T) booleans that broadcast over heads and queries;
-    None when nothing is padded: then attention needs no mask and can take its fastest kernel."""
-    if attention_mask is None or bool(attention_mask.all()):
+    """(B, T) of 1 (token) / 0 (padding) -> (B, 1, 1, T) booleans that broadcast over heads and queries.
+    None stays None: nothing is padded, attention needs no mask and can take its fastest kernel. (Whether a batch
+    is padded at all is decided on the CPU, before it goes to the device: see `model_inputs` in device.py.)"""
+    if attention_mask is None:
         return None
     return attention_mask.bool()[:, None, None, :]
 
@@ -108,8 +115,6 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(Layer(config) for _ in range(config.num_hidden_layers))
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None) -> list:
-        if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
         mask = attention_mask_for(attention_mask)
         x = self.embeddings(input_ids, token_type_ids)
         hidden_states = []
@@ -138,6 +143,7 @@ class BertModel(nn.Module):
         self.config = config
         self.encoder = Encoder(config)
         self.pooler = Pooler(config)
+        self.apply(init_weights)  # BERT's initialisation: a model built here is valid before any checkpoint
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None):
         hidden_states = self.encoder(input_ids, token_type_ids, attention_mask)
@@ -178,6 +184,7 @@ class DeeBert(nn.Module):
         self.config = config
         self.encoder = Encoder(config)
         self.off_ramps = nn.ModuleList(OffRamp(config, config.off_ramp_pooling) for _ in self.encoder.layers)
+        self.apply(init_weights)  # BERT's initialisation: a model built here is ready to fine-tune
 
     @property
     def num_layers(self) -> int:
@@ -194,7 +201,10 @@ class DeeBert(nn.Module):
 
 
 def init_weights(module: nn.Module, std: float = 0.02) -> None:
-    """BERT's initialisation, for weights no checkpoint provides: normal(0, 0.02), zero biases, unit LayerNorm."""
+    """BERT's initialisation: normal(0, 0.02) weights, zero biases, unit LayerNorm. A tensor on the meta device has
+    a shape and no values (checkpoint.py builds there and fills the model from a file): nothing to draw."""
+    if any(p.is_meta for p in module.parameters(recurse=False)):
+        return
     if isinstance(module, (nn.Linear, nn.Embedding)):
         nn.init.normal_(module.weight, mean=0.0, std=std)
     if isinstance(module, nn.Linear) and module.bias is not None:

@@ -51,13 +51,21 @@ def joint_loss(model, batch):
     return sum(F.cross_entropy(z.float(), batch["labels"]) for z in logits)
 
 
-STAGES = {1: (stage1_parameters, stage1_loss), 2: (stage2_parameters, stage2_loss),
-          "joint": (lambda model: list(model.parameters()), joint_loss)}
+def joint_parameters(model) -> list:
+    """Joint training trains everything."""
+    return list(model.parameters())
 
 
-def prepare_stage(model, stage) -> tuple:
-    """Freeze everything but the stage's parameters and set dropout as the stage wants it.
-    Returns (the trainable parameters, the loss function)."""
+STAGES = {
+    "stage 1": (stage1_parameters, stage1_loss),
+    "stage 2": (stage2_parameters, stage2_loss),
+    "joint": (joint_parameters, joint_loss),
+}
+
+
+def prepare_stage(model, stage: str) -> tuple:
+    """Freeze everything but the stage's parameters ("stage 1", "stage 2" or "joint") and set dropout as the stage
+    wants it. Returns (the trainable parameters, the loss function)."""
     parameters_of, loss = STAGES[stage]
     trainable = parameters_of(model)
     for p in model.parameters():
@@ -65,6 +73,6 @@ def prepare_stage(model, stage) -> tuple:
     for p in trainable:
         p.requires_grad_(True)
     model.train()
-    if stage == 2:
+    if stage == "stage 2":
         model.encoder.eval()  # see stage2_loss: the frozen backbone runs as at inference
     return trainable, loss

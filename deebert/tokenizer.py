@@ -11,7 +11,8 @@ import json
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
 from deebert.errors import DeeBertError
 
@@ -24,7 +25,9 @@ class Tokenizer:
             if backend.token_to_id(token) is None:
                 raise DeeBertError(f"the tokenizer has no {token} token; it is not a BERT tokenizer")
         check_max_length(max_length)
-        self.backend, self.pad_id, self.max_length = backend, backend.token_to_id("[PAD]"), max_length
+        self.backend = backend
+        self.pad_id = backend.token_to_id("[PAD]")
+        self.max_length = max_length
         self.backend.enable_truncation(max_length, strategy="longest_first")
         self.backend.enable_padding(pad_id=self.pad_id, pad_token="[PAD]")  # no length: pad to the longest
 
@@ -35,7 +38,7 @@ class Tokenizer:
         if (directory / "tokenizer.json").is_file():
             return cls(HFTokenizer.from_file(str(directory / "tokenizer.json")), max_length)
         if (directory / "vocab.txt").is_file():
-            return cls(wordpiece_from_vocab(directory / "vocab.txt", lowercase(directory)), max_length)
+            return cls(wordpiece_from_vocab(directory / "vocab.txt", is_uncased(directory)), max_length)
         raise DeeBertError(f"{directory} has neither tokenizer.json nor vocab.txt; pass a BERT checkpoint directory")
 
     @property
@@ -73,7 +76,7 @@ def check_max_length(max_length: int, max_positions: int | None = None) -> None:
         raise DeeBertError(f"--max_length {max_length} must {limit} (room for [CLS] a [SEP] b [SEP]{model})")
 
 
-def lowercase(directory: Path) -> bool:
+def is_uncased(directory: Path) -> bool:
     """Whether the checkpoint lower-cases its input: tokenizer_config.json says, else True (uncased BERT)."""
     config = directory / "tokenizer_config.json"
     return not config.is_file() or bool(json.loads(config.read_text(encoding="utf-8")).get("do_lower_case", True))
@@ -98,7 +101,7 @@ def wordpiece_from_vocab(vocab_file: Path, lowercase: bool = True) -> HFTokenize
 
 def by_length(tokenizer: Tokenizer, examples: list) -> list:
     """Indices of `examples` from the shortest input to the longest (in tokens). Batches cut in this order
-    carry little padding: at batch 32 on SST-2 dev the full model takes 0.5-0.7 of its data-order time (bench.py)."""
+    carry little padding, which every layer would otherwise compute on (tests/bench.py measures what it saves)."""
     pairs = [e.text_a if e.text_b is None else (e.text_a, e.text_b) for e in examples]
     lengths = [sum(encoding.attention_mask) for encoding in tokenizer.backend.encode_batch(pairs)]  # w/o padding
     return sorted(range(len(examples)), key=lengths.__getitem__)

@@ -12,7 +12,7 @@ import torch
 from deebert import safetensors
 from deebert.checkpoint import checkpoint_name, load_deebert, save_checkpoint
 from deebert.config import BertConfig
-from deebert.model import BertModel, init_weights
+from deebert.model import BertModel
 from deebert.tokenizer import Tokenizer
 
 TINY_WORDS = ["the", "a", "cat", "dog", "sat", "on", "mat", "is", "good", "bad", "movie", "not", "very",
@@ -28,14 +28,14 @@ def tiny_config(**overrides) -> BertConfig:
 
 
 def write_tiny_checkpoint(directory: Path, seed: int = 0, bert_base_naming: bool = True, positions: int = 64,
-                          dtype=torch.float32) -> Path:
+                          dtype=torch.float32, **shape) -> Path:
     """A random BERT saved the way bert-base-uncased is: `bert.` prefix, LayerNorm gamma/beta, cls.* heads,
     the position_ids buffer; plus config.json and vocab.txt (no tokenizer.json). Without bert_base_naming,
-    named as all-MiniLM-L6-v2 is; word embeddings scaled up so that attention depends on the input."""
+    named as all-MiniLM-L6-v2 is; word embeddings scaled up so that attention depends on the input. `shape`:
+    other config fields (hidden_size=768, ...); a larger vocab_size fills the vocabulary with words w0, w1, ..."""
     torch.manual_seed(seed)
-    config = tiny_config(max_position_embeddings=positions)
-    model = BertModel(config)
-    model.apply(init_weights)
+    config = tiny_config(max_position_embeddings=positions, **shape)
+    model = BertModel(config)  # BERT's initialisation, done by the constructor
     if not bert_base_naming:
         with torch.no_grad():
             model.encoder.embeddings.word_embeddings.weight.mul_(50)
@@ -44,7 +44,8 @@ def write_tiny_checkpoint(directory: Path, seed: int = 0, bert_base_naming: bool
     for name, tensor in model.state_dict().items():
         name = checkpoint_name(name)
         if bert_base_naming:
-            name = "bert." + name.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta")
+            name = name.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta")
+            name = "bert." + name
         tensors[name] = tensor
     if bert_base_naming:
         tensors["cls.predictions.bias"] = torch.zeros(config.vocab_size)
@@ -54,7 +55,8 @@ def write_tiny_checkpoint(directory: Path, seed: int = 0, bert_base_naming: bool
     safetensors.save_file(tensors, directory / "model.safetensors")
     values = {k: v for k, v in config.to_dict().items() if k not in ("task", "labels", "off_ramp_pooling")}
     (directory / "config.json").write_text(json.dumps(values))
-    (directory / "vocab.txt").write_text("\n".join(TINY_VOCAB) + "\n")
+    vocab = TINY_VOCAB + [f"w{k}" for k in range(config.vocab_size - len(TINY_VOCAB))]
+    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
     return directory
 
 
@@ -134,9 +136,11 @@ def write_glue(root: Path, n_train: int = 96, n_dev: int = 24) -> Path:
     for folder in ("SST-2", "RTE"):
         (root / folder).mkdir(parents=True, exist_ok=True)
     for split, n in (("train", n_train), ("dev", n_dev)):
-        sst = [f"{(GOOD if i % 2 else BAD)[i % 6]} {['', 'the mat', 'on the mat', 'sat'][i % 4]}\t{i % 2}" for i in range(n)]
+        ends = ["", "the mat", "on the mat", "sat"]
+        sst = [f"{(GOOD if i % 2 else BAD)[i % 6]} {ends[i % 4]}\t{i % 2}" for i in range(n)]
         (root / "SST-2" / f"{split}.tsv").write_text("sentence\tlabel\n" + "\n".join(sst) + "\n")
-        rte = [f"{i}\tthe man eats food .\t{['a man eats', 'the dog runs'][i % 2]} .\t{['entailment', 'not_entailment'][i % 2]}"
-               for i in range(n)]
+        hypotheses = ["a man eats", "the dog runs"]
+        labels = ["entailment", "not_entailment"]
+        rte = [f"{i}\tthe man eats food .\t{hypotheses[i % 2]} .\t{labels[i % 2]}" for i in range(n)]
         (root / "RTE" / f"{split}.tsv").write_text("index\tsentence1\tsentence2\tlabel\n" + "\n".join(rte) + "\n")
     return root

@@ -1,5 +1,5 @@
-"""bench.py (the benchmark beside train.py): every section's numbers have the right shape on the tiny checkpoint,
-quickly.
+"""tests/bench.py (the benchmark, a tool beside the tests): every section's numbers have the right shape on the tiny
+checkpoint, quickly.
 
 Speed is never asserted (a test machine is shared and noisy); only structure: the sections are there, times are
 positive, spreads and ratios finite where two rounds or more were timed. conftest's one_thread fixture runs every
@@ -12,10 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import bench
 import pytest
 import torch
 
-import bench
 from conftest import fine_tuned, write_glue
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,7 +86,8 @@ def test_exit_section(checkpoint, glue_root):
     args = parse("--checkpoint", checkpoint, "--data_dir", glue_root, "--S", 0, 0.3, 1.0, "--examples", 12)
     result = bench.bench_exit(args, CPU, batch_size=4)
     assert (result["task"], result["examples"]) == ("sst-2", 12)
-    assert list(result["wall_clock"]) == ["batch 1, data order", "batch 1, sorted", "batch 4, data order", "batch 4, sorted"]
+    columns = ["batch 1, data order", "batch 1, sorted", "batch 4, data order", "batch 4, sorted"]
+    assert list(result["wall_clock"]) == columns
     for rows in result["wall_clock"].values():  # measure_wall_clock's rows: the full model, then each S
         assert [row["S"] for row in rows] == [None, 0.0, 0.3, 1.0] and rows[0]["seconds"] > 0
         assert rows[1]["expected_saving"] == 0  # S = 0 never exits early
@@ -166,7 +167,7 @@ def test_bad_input_is_one_error_line_and_exit_code_2_before_any_work(flags, mess
 
 
 def test_from_the_shell_a_bad_flag_is_one_line_and_exit_code_2(tmp_path):
-    done = subprocess.run([sys.executable, str(REPO / "bench.py"), "--quick", "--model", str(tmp_path / "missing")],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    command = [sys.executable, str(REPO / "tests" / "bench.py"), "--quick", "--model", str(tmp_path / "missing")]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.startswith("error: ") and len(done.stderr.strip().splitlines()) == 1, done.stderr

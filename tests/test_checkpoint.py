@@ -32,7 +32,8 @@ def test_every_off_ramp_pooler_starts_as_the_pretrained_pooler(tiny_checkpoint):
     pooler = load_bert(tiny_checkpoint).pooler.dense.weight
     for ramp in model.off_ramps:
         assert torch.equal(ramp.pooler.weight, pooler)
-        assert ramp.pooler.weight.data_ptr() != model.off_ramps[0].pooler.weight.data_ptr() or ramp is model.off_ramps[0]
+        first = model.off_ramps[0]
+        assert ramp.pooler.weight.data_ptr() != first.pooler.weight.data_ptr() or ramp is first
     assert all(p.requires_grad and not p.is_meta for p in model.parameters())
 
 
@@ -115,8 +116,8 @@ def edit_weights(directory, drop=None, add=None):
     (lambda d: (d / "config.json").write_text("{oops"), "not valid JSON"),
     (lambda d: edit_config(d, model_type="gpt2"), "BERT checkpoints only"),
     (lambda d: edit_config(d, intermediate_size=48), "has shape"),
-    (lambda d: edit_weights(d, drop="bert.encoder.layer.1.output.dense.weight"), "'encoder.layer.1.output.dense.weight' is missing"),
-    (lambda d: edit_weights(d, add={"bert.encoder.layer.0.crossattention.weight": torch.zeros(2)}), "unexpected tensor"),
+    (lambda d: edit_weights(d, drop="bert.encoder.layer.1.output.dense.weight"), "encoder.layer.1.output.dense.weight"),
+    (lambda d: edit_weights(d, add={"bert.encoder.layer.0.crossattention.weight": torch.zeros(2)}), "crossattention"),
     (lambda d: edit_config(d, num_hidden_layers=2), "unexpected tensor 'encoder.layer.2"),
 ])
 def test_broken_checkpoints_raise_one_line_errors(tiny_checkpoint, breakage, needle):
@@ -148,3 +149,74 @@ def test_config_round_trips_with_the_checkpoints_own_field_names(minilm_dir):
     config = BertConfig.from_file(minilm_dir / "config.json")
     assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (384, 6, 12)
     assert BertConfig.from_dict(config.to_dict()) == config
+
+
+# ----------------------------------------------------------------------------------------------------
+# What transformers sees in a saved checkpoint
+
+
+def trained_like(tiny_checkpoint, pooling: str):
+    """A DeeBERT whose off-ramps are no longer the pretrained pooler (as after training), with its tokenizer."""
+    torch.manual_seed(0)
+    model = load_deebert(tiny_checkpoint, labels=["no", "yes"], pooling=pooling)
+    with torch.no_grad():
+        for p in model.off_ramps.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model.eval(), Tokenizer.from_dir(tiny_checkpoint)
+
+
+def test_a_cls_checkpoint_is_bert_for_sequence_classification_in_transformers(tiny_checkpoint, tmp_path):
+    """Its last off-ramp is saved as BERT's head too, so transformers' classifier gives the full model's logits
+    (and a user who loads it there gets plain fine-tuned BERT, not a freshly initialised head)."""
+    transformers = pytest.importorskip("transformers")
+    model, tokenizer = trained_like(tiny_checkpoint, "cls")
+    saved = save_checkpoint(model, tokenizer, tmp_path / "run")
+    theirs = transformers.BertForSequenceClassification.from_pretrained(str(saved), attn_implementation="eager")
+    batch = tokenizer.encode(["the cat sat on the mat", "a bad movie"])
+    inputs = {k: batch[k] for k in ("input_ids", "token_type_ids", "attention_mask")}
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.eval()(**inputs).logits, model(**inputs)[-1], atol=1e-5, rtol=0)
+    assert theirs.config.id2label == {0: "no", 1: "yes"}
+
+
+def test_a_mean_pooled_checkpoint_claims_no_cls_pooler_or_head(tiny_checkpoint, tmp_path):
+    """transformers' pooler and head read [CLS], which a mean-pooling off-ramp never read: none is written."""
+    model, tokenizer = trained_like(tiny_checkpoint, "mean")
+    saved = save_checkpoint(model, tokenizer, tmp_path / "run")
+    names = safetensors.load_file(saved / "model.safetensors")
+    assert not any(name.startswith(("pooler.", "classifier.")) for name in names)
+    assert json.loads((saved / "config.json").read_text())["architectures"] == ["BertModel"]
+    again = load_deebert(saved).eval()
+    batch = tokenizer.encode(["the cat sat", "a bad movie on the mat"])
+    inputs = {k: batch[k] for k in ("input_ids", "token_type_ids", "attention_mask")}
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(model(**inputs), again(**inputs)))
+
+
+def test_a_checkpoint_saved_before_the_head_was_written_still_loads(tiny_checkpoint, tmp_path):
+    model, tokenizer = trained_like(tiny_checkpoint, "cls")
+    saved = save_checkpoint(model, tokenizer, tmp_path / "run")
+    edit_weights(saved, drop="classifier.weight")
+    edit_weights(saved, drop="classifier.bias")
+    again = load_deebert(saved)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_relative_position_embeddings_are_refused_in_one_line(tiny_checkpoint):
+    edit_config(tiny_checkpoint, position_embedding_type="relative_key")
+    with pytest.raises(DeeBertError, match="position_embedding_type 'relative_key'") as err:
+        load_bert(tiny_checkpoint)
+    assert "\n" not in str(err.value)
+    edit_config(tiny_checkpoint, position_embedding_type="absolute")
+    load_bert(tiny_checkpoint)  # the default, written out
+
+
+def test_a_model_built_directly_is_initialised_as_bert(tiny_checkpoint):
+    """No checkpoint: every weight drawn from N(0, 0.02) by the constructor, none left at zero."""
+    from deebert.model import DeeBert
+    torch.manual_seed(0)
+    model = DeeBert(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=64, labels=["a", "b"]))
+    for name, p in model.named_parameters():
+        if name.endswith("weight") and p.dim() == 2:
+            assert 0.015 < float(p.detach().std()) < 0.025, name  # the embeddings too: not zeros

@@ -4,6 +4,7 @@ Most runs call infer.main(argv) in this process (the same code path as the comma
 of the time); a few run `python infer.py` as a real subprocess, to see what a user sees.
 """
 
+import csv
 import importlib.util
 import json
 import math
@@ -14,6 +15,12 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from deebert import tradeoff
+from deebert.checkpoint import load_deebert, save_checkpoint
+from deebert.classify import load
+from deebert.glue import get_task, read_split
+from deebert.tokenizer import Tokenizer, batches
 
 from conftest import fine_tuned, write_glue, write_tiny_checkpoint
 
@@ -30,14 +37,17 @@ def load_infer():
 
 
 infer = load_infer()
-evaluation = infer.evaluation  # the --eval path, evaluation.py
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("checkpoints")
+    sst_2 = fine_tuned(root / "single", "sst-2", ("negative", "positive"))
+    static = load_deebert(root / "single" / "pretrained", labels=["negative", "positive"], num_layers=2)
+    static.config.task = "sst-2"  # as train.py --task sst-2 --layers 2 saves it, untrained
     return {
-        "sst-2": fine_tuned(root / "single", "sst-2", ("negative", "positive")),
+        "sst-2": sst_2,
+        "sst-2-k2": save_checkpoint(static, Tokenizer.from_dir(sst_2), root / "single-k2"),
         "rte": fine_tuned(root / "pair", "rte", ("entailment", "not_entailment")),
         "plain": write_tiny_checkpoint(root / "plain-bert"),
     }
@@ -61,13 +71,13 @@ def run_process(argv, cwd, stdin=None, stdin_bytes=None) -> subprocess.Completed
                           text=stdin_bytes is None, env=env, timeout=120)
 
 
-def assert_one_line_error(code, err, *fragments) -> None:
+def assert_one_line_error(code, err, *named) -> None:
+    """The contract for bad input: exit code 2, exactly one line `error: ...`, naming the flag or file at fault."""
     assert code == 2, err
-    assert "Traceback" not in err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+    for name in named:
+        assert name in lines[0], lines[0]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -88,6 +98,25 @@ def test_one_pair(checkpoints, capsys):
     assert code == 0
     label = next(line for line in out.splitlines() if line.startswith("label: "))
     assert label.split()[1] in ("entailment", "not_entailment")  # the answer by name, not a class id
+
+
+@pytest.mark.parametrize("argv", [["a good movie", "--S", "0.4"], ["--S", "0.4", "a good movie"]])
+def test_S_before_or_after_the_text_classifies(checkpoints, capsys, argv):
+    code, out, err = run([*argv, "--model", checkpoints["sst-2"], *SHORT], capsys)
+    assert code == 0, err
+    assert "S = 0.4" in out and "label: " in out
+
+
+def test_a_pair_around_the_flags_is_still_a_pair(checkpoints, capsys):
+    code, out, err = run(["a man eats food", "--S", "0.4", "a man eats", "--model", checkpoints["rte"], *SHORT], capsys)
+    assert code == 0, err
+    assert "label: " in out
+
+
+def test_a_static_k_layer_checkpoint_classifies(checkpoints, capsys):
+    code, out, err = run(["a good movie", "--model", checkpoints["sst-2-k2"], *SHORT], capsys)
+    assert code == 0, err
+    assert "exit layer: 2 of 2" in out
 
 
 def test_default_S_is_zero_and_says_so(checkpoints, capsys):
@@ -163,51 +192,55 @@ def test_bad_input_as_a_user_sees_it(checkpoints, tmp_path):
         assert done.stdout == ""
 
 
-@pytest.mark.parametrize("argv, fragments", [
-    (["", "--model", "{sst-2}"], ["the text is empty"]),
-    (["   ", "--model", "{sst-2}"], ["the text is empty"]),
-    (["a", "--model", "{missing}"], ["not found"]),
-    (["a", "--model", "{plain}"], ["has no off-ramps; fine-tune it first"]),
-    (["a", "--S", "-1", "--model", "{sst-2}"], ["--S", "-1", ">= 0"]),
-    (["a", "--S", "abc", "--model", "{sst-2}"], ["--S", "'abc' is not a number"]),
-    (["a", "--S", "auto", "0.1", "--model", "{sst-2}"], ["one --S"]),
-    (["a", "--S", "nan", "--model", "{sst-2}"], ["--S", ">= 0"]),
-    (["a", "--S", "0.1", "0.2", "--model", "{sst-2}"], ["one --S"]),
-    (["premise", "hypothesis", "--model", "{sst-2}"], ["sst-2 classifies single texts; got 2"]),
-    (["premise only", "--model", "{rte}"], ["rte classifies pairs", "got 1"]),
-    (["a", "b", "", "--model", "{rte}"], ["got 3"]),
-    (["premise", "", "--model", "{rte}"], ["text 2 of the pair is empty"]),
-    (["--model", "{sst-2}"], ["nothing to do"]),
-    (["a", "--model", "{sst-2}", "--max_length", "1000"], ["--max_length 1000 must lie in 8..64"]),
-    (["a", "--model", "{sst-2}", "--task", "rte"], ["fine-tuned on sst-2, not rte"]),
-    (["a", "--model", "{sst-2}", "--batch_size", "0"], ["--batch_size", "0 is outside [1, inf]"]),
-    (["--model", "{sst-2}", "--file", "{missing}"], ["--file", "not found"]),
-    (["a", "--model", "{sst-2}", "--file", "{missing}"], ["texts on the command line or --file, not both"]),
-    (["--eval", "a", "--model", "{sst-2}"], ["--eval sweeps numeric S over the dev set; drop texts"]),
-    (["--eval", "--model", "{sst-2}", "--calibration_file", "x.txt"], ["--calibration_file calibrates --max_disagree"]),
+@pytest.mark.parametrize("argv, named", [
+    (["", "--model", "{sst-2}"], ["text"]),
+    (["   ", "--model", "{sst-2}"], ["text"]),
+    (["a", "--model", "{missing}"], ["{missing}"]),
+    (["a", "--model", "{plain}"], ["{plain}"]),  # a pretrained BERT: no off-ramps
+    (["a", "--S", "-1", "--model", "{sst-2}"], ["--S"]),
+    (["a", "--S", "abc", "--model", "{sst-2}"], ["--S"]),
+    (["a", "--S", "nan", "--model", "{sst-2}"], ["--S"]),
+    (["premise", "hypothesis", "--model", "{sst-2}"], ["sst-2"]),
+    (["premise only", "--model", "{rte}"], ["rte"]),
+    (["a", "b", "", "--model", "{rte}"], ["rte"]),
+    (["premise", "", "--model", "{rte}"], ["text 2"]),
+    (["--model", "{sst-2}"], ["--file"]),  # nothing to do
+    (["a", "--model", "{sst-2}", "--max_length", "1000"], ["--max_length"]),
+    (["a", "--model", "{sst-2}", "--task", "rte"], ["--task", "rte"]),
+    (["a", "--model", "{sst-2}", "--batch_size", "0"], ["--batch_size"]),
+    (["--model", "{sst-2}", "--file", "{missing}"], ["--file", "{missing}"]),
+    (["a", "--model", "{sst-2}", "--file", "{missing}"], ["--file"]),
+    (["--eval", "a", "--model", "{sst-2}"], ["--eval"]),
+    (["--eval", "--S", "0.3", "--model", "{sst-2}"], ["--eval", "--S"]),
+    (["--eval", "--model", "{sst-2}", "--calibration_file", "x.txt"], ["--calibration_file", "--max_disagree"]),
     (["--eval", "--model", "{sst-2}", "--max_disagree", "0.1", "--calibration_file", "{missing}"],
-     ["--calibration_file", "not found"]),
-    (["a", "--model", "{sst-2}", "--device", "tpu"], ["--device tpu"]),
+     ["--calibration_file", "{missing}"]),
+    (["--eval", "--model", "{sst-2}", "--static", "{plain}"], ["{plain}"]),
+    (["--eval", "--model", "{sst-2}", "--static", "{sst-2}"], ["--static"]),  # not fewer layers
+    (["--eval", "--model", "{sst-2}", "--static", "{rte}"], ["rte"]),  # another task
+    (["a", "--model", "{sst-2}", "--device", "tpu"], ["--device"]),
+    (["a", "--model", "{sst-2}", "--dtype", "bf16"], ["--dtype"]),  # no GPU here
+    (["a", "--model", "{sst-2}", "--thresholds", "0.1", "x"], ["--thresholds"]),
 ])
-def test_bad_input_gives_one_line_error(checkpoints, tmp_path, capsys, argv, fragments):
+def test_bad_input_gives_one_line_error(checkpoints, tmp_path, capsys, argv, named):
     places = {"{missing}": str(tmp_path / "nowhere"), **{f"{{{k}}}": str(v) for k, v in checkpoints.items()}}
     code, out, err = run(SHORT + [places.get(a, a) for a in argv], capsys)  # a later --max_length wins
-    assert_one_line_error(code, err, *fragments)
+    assert_one_line_error(code, err, *[places.get(name, name) for name in named])
 
 
-@pytest.mark.parametrize("content, task, fragments", [
-    ("a man eats\ta man\nno tab here\n", "rte", ["line 2", "rte classifies pairs", "got 1"]),
-    ("a man eats\ta man\na\tb\tc\n", "rte", ["line 2", "got 3"]),
-    ("good movie\n\nbad movie\n", "sst-2", ["line 2", "empty"]),
-    ("good movie\nbad\tmovie\n", "sst-2", ["line 2", "single texts; got 2"]),
-    ("\tpremise missing\n", "rte", ["line 1", "text 1 of the pair is empty"]),
-    ("", "sst-2", ["holds no inputs"]),
+@pytest.mark.parametrize("content, task, line", [
+    ("a man eats\ta man\nno tab here\n", "rte", "line 2"),
+    ("a man eats\ta man\na\tb\tc\n", "rte", "line 2"),
+    ("good movie\n\nbad movie\n", "sst-2", "line 2"),
+    ("good movie\nbad\tmovie\n", "sst-2", "line 2"),
+    ("\tpremise missing\n", "rte", "line 1"),
+    ("", "sst-2", ""),  # no inputs at all: the file is named
 ])
-def test_a_malformed_file_line_names_its_line(checkpoints, tmp_path, capsys, content, task, fragments):
+def test_a_malformed_file_line_names_its_line(checkpoints, tmp_path, capsys, content, task, line):
     path = tmp_path / "inputs.txt"
     path.write_text(content)
     code, _, err = run(["--file", path, "--model", checkpoints[task], *SHORT], capsys)
-    assert_one_line_error(code, err, str(path), *fragments)
+    assert_one_line_error(code, err, str(path), line)
 
 
 def test_bytes_that_are_not_utf8_name_their_line(checkpoints, tmp_path, capsys):
@@ -250,23 +283,44 @@ def test_the_default_checkpoint_is_under_runs(checkpoints, tmp_path, capsys, mon
 # --eval on a tiny GLUE folder
 
 
-def test_eval_sweeps_times_and_writes_the_csv_and_png(checkpoints, tmp_path, capsys):
+def test_eval_sweeps_times_and_writes_the_csvs_and_png(checkpoints, tmp_path, capsys):
     data_dir = write_glue(tmp_path / "glue") / "SST-2"
-    code, out, err = run(["--eval", "--model", checkpoints["sst-2"], "--data_dir", data_dir, "--S", "0", "0.3", "0.5",
-                          "0.8", "--eval_batch_size", "8", "--timing_examples", "6", "--timing_seconds", "1",
-                          "--out", tmp_path / "results", *SHORT], capsys)
+    code, out, err = run(["--eval", "--model", checkpoints["sst-2"], "--data_dir", data_dir, "--thresholds", "0", "0.3",
+                          "0.5", "0.8", "--eval_batch_size", "8", "--timing_examples", "6", "--timing_seconds", "1",
+                          "--static", checkpoints["sst-2-k2"], "--out", tmp_path / "results", *SHORT], capsys)
     assert code == 0, err
     assert "SST-2 dev: 24 examples" in out
-    assert "accuracy  avg exit layer  expected saving" in out
-    assert "wall clock on 6 examples sorted by length" in out and "threads" in out
-    assert "largest S within 1 point of the full model's accuracy: " in out
-    lines = (tmp_path / "results" / "tradeoff.csv").read_text().splitlines()
-    assert lines[0].startswith("S,accuracy,avg_exit_layer,expected_saving,exits_per_layer,drop,measured_saving_batch1,"
-                               "spread_batch1,expected_saving_batch1,seconds_batch1,measured_saving_batch8")
-    assert [line.split(",")[0] for line in lines[1:]] == ["full", "0.0", "0.3", "0.5", "0.8"]
-    assert lines[-1].split(",")[3] == str(1 - 1 / 3)  # S = 0.8 > ln 2: everyone at layer 1
+    assert "wall clock on 6 examples sorted by length" in out
+    with open(tmp_path / "results" / "tradeoff.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["S"] for row in rows] == ["full", "0.0", "0.3", "0.5", "0.8"]
+    assert float(rows[-1]["expected_saving"]) == pytest.approx(1 - 1 / 3)  # S = 0.8 > ln 2: everyone at layer 1
+    for row in rows[1:]:  # each S's wall clock, at both batch sizes, on the timed examples
+        assert row["measured_saving_batch1"] and row["measured_saving_batch8"]
+    assert float(rows[-1]["expected_saving_batch8"]) == pytest.approx(1 - 1 / 3)
+    with open(tmp_path / "results" / "rules.csv", newline="") as f:
+        rules = list(csv.DictReader(f))
+    assert {row["rule"] for row in rules} == {"entropy", "max probability", "patience", "PCEE (t = 2)", "static"}
+    static = next(row for row in rules if row["rule"] == "static")
+    assert static["threshold"] == "2" and float(static["expected_saving"]) == pytest.approx(1 / 3)
+    assert f"static {checkpoints['sst-2-k2'].name}" in out  # timed beside the full model
     if importlib.util.find_spec("matplotlib"):
         assert (tmp_path / "results" / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_printed_rules_table_is_what_the_full_pass_gives(checkpoints, tmp_path, capsys):
+    """Recomputed here from the same full pass, every printed number of the rules table agrees."""
+    data_dir = write_glue(tmp_path / "glue") / "SST-2"
+    code, out, err = run(["--eval", "--model", checkpoints["sst-2"], "--data_dir", data_dir, "--no_timing",
+                          "--out", tmp_path, *SHORT], capsys)
+    assert code == 0, err
+    model, tokenizer = load(checkpoints["sst-2"], "cpu", max_length=32)
+    examples = read_split(get_task("sst-2"), data_dir, "dev")
+    logits, labels = tradeoff.full_pass(model, batches(tokenizer, examples, 8))
+    for name, rule in tradeoff.compare_rules(logits, labels, get_task("sst-2")).items():
+        line = next(line for line in out.splitlines() if line.strip().startswith(name + " "))
+        expected = ["-" if v is None else f"{100 * v:.2f}" for v in [*rule["at"].values(), rule["mean"]]]
+        assert line.split()[-4:] == expected, line
 
 
 def test_certify_then_classify_with_S_auto(checkpoints, tmp_path, capsys):
@@ -274,17 +328,23 @@ def test_certify_then_classify_with_S_auto(checkpoints, tmp_path, capsys):
     model = tmp_path / "model"
     shutil.copytree(checkpoints["sst-2"], model)
     code, _, err = run(["a good movie", "--S", "auto", "--model", model, *SHORT], capsys)
-    assert_one_line_error(code, err, "was never calibrated", "--max_disagree")
+    assert_one_line_error(code, err, "--S auto", "--max_disagree")
     base = ["--eval", "--model", model, "--data_dir", data_dir, "--no_timing", *SHORT]
     code, _, err = run(base + ["--max_disagree", "0.01"], capsys)  # 32 examples cannot certify 1%
-    assert_one_line_error(code, err, "32 calibration examples cannot certify", "needs at least 230 examples")
+    assert_one_line_error(code, err, "32 calibration examples", "230")
     code, out, err = run(base + ["--max_disagree", "0.1", "--delta", "0.1"], capsys)
     assert code == 0, err
     assert "certified on a random half of SST-2 dev (32 examples)" in out and "it did not see" in out
     certified = json.loads((model / "results.json").read_text())["calibration"]
-    assert certified["epsilon"] == 0.1 and certified["examples"] == 32
+    assert certified["epsilon"] == 0.1 and certified["examples"] == 32 and certified["dtype"] == "fp32"
     code, out, err = run(["a good movie", "--S", "auto", "--model", model, *SHORT], capsys)
     assert code == 0 and f"S = {certified['S']:g} (calibrated)" in out
+    assert "another precision" not in out
+    results = json.loads((model / "results.json").read_text())
+    results["calibration"]["dtype"] = "bf16"  # as if certified on a GPU in bf16; this run is fp32
+    (model / "results.json").write_text(json.dumps(results))
+    code, out, err = run(["a good movie", "--S", "auto", "--model", model, *SHORT], capsys)
+    assert code == 0 and "certified in bf16 and this run is in fp32" in out
     texts = tmp_path / "unlabelled.txt"
     texts.write_text("".join(f"{w} movie\n" for w in ["good", "bad", "very good", "not bad", "the"] * 8))
     code, out, err = run(base + ["--max_disagree", "0.1", "--calibration_file", texts], capsys)
@@ -324,16 +384,8 @@ def test_help_shows_every_option_with_its_default(capsys):
             assert "default" in (action.help or ""), action.option_strings[0]
 
 
-def test_S_type_refuses_nan_and_negatives_and_takes_auto():
+def test_S_takes_a_number_or_auto_and_the_sweep_takes_several():
     parser = infer.build_parser()
-    assert parser.parse_args(["--S", "0.4", "inf", "auto"]).S == [0.4, math.inf, "auto"]
-
-
-def test_a_saving_inside_its_spread_is_printed_as_noise(capsys):
-    row = {"batch_size": 1, "expected_saving": 0.3, "rounds": 5}
-    evaluation.print_timing([{}, {**row, "S": 0.0, "measured_saving": 0.004, "spread": 0.01, "ratio": None},
-                             {**row, "S": 0.3, "measured_saving": 0.27, "spread": 0.01, "ratio": 0.9},
-                             {**row, "S": 0.01, "measured_saving": -0.08, "spread": 0.01, "ratio": -5.5}])
-    lines = capsys.readouterr().out.splitlines()
-    assert "within noise" in lines[1] and "0.90" in lines[2] and "within noise" not in lines[2]
-    assert "slower" in lines[3] and "-5.5" not in lines[3]  # a cost, not a ratio of a cost to a saving
+    assert parser.parse_intermixed_args(["--S", "inf", "text"]).S == math.inf
+    assert parser.parse_intermixed_args(["--S", "auto", "text"]).S == "auto"
+    assert parser.parse_intermixed_args(["--eval", "--thresholds", "0.4", "0.5"]).thresholds == [0.4, 0.5]

@@ -24,8 +24,8 @@ def test_reader_agrees_with_the_reference_on_the_real_checkpoint(minilm_dir):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int8, torch.bool])
 def test_writer_files_load_in_the_reference(tmp_path, dtype):
     torch.manual_seed(0)
-    tensors = {"a": (torch.randn(3, 5) * 10).to(dtype), "b.c": torch.randn(7).to(dtype), "scalar": torch.tensor(2).to(dtype),
-               "empty": torch.zeros(0, 4).to(dtype), "mixed": torch.randn(2, 2)}
+    tensors = {"a": (torch.randn(3, 5) * 10).to(dtype), "b.c": torch.randn(7).to(dtype),
+               "scalar": torch.tensor(2).to(dtype), "empty": torch.zeros(0, 4).to(dtype), "mixed": torch.randn(2, 2)}
     path = tmp_path / "x.safetensors"
     safetensors.save_file(tensors, path, metadata={"format": "pt"})
     for loaded in (st.load_file(path), safetensors.load_file(path)):

@@ -114,7 +114,8 @@ def test_blocks_are_well_formed_and_the_not_run_ones_are_counted(name):
             for command, _ in shell_commands(block):
                 assert not command.startswith("pip "), f"{where}: mark installs <!-- not run: installs ... -->"
     not_run = sum(block.marker == "not run" for block in blocks)
-    assert not_run == NOT_RUN.get(name, 0), f"{name} has {not_run} block(s) marked not run; NOT_RUN says {NOT_RUN.get(name, 0)}"
+    expected = NOT_RUN.get(name, 0)
+    assert not_run == expected, f"{name} has {not_run} block(s) marked not run; NOT_RUN says {expected}"
 
 
 @pytest.mark.parametrize("name", CHAPTERS)

@@ -16,7 +16,8 @@ A marker is an HTML comment on the last non-blank line before a block (invisible
     <!-- shows an error -->           the commands must FAIL, and the block's `error:` line must appear
 
 A fence must start its line and name only a language: another (indented in a list item, or ```python x)
-would be invisible to these checks, so `read_blocks` refuses it. `images` lists the pictures a chapter shows, `![what it shows](figures/NAME.png)`.
+would be invisible to these checks, so `read_blocks` refuses it. `images` lists the pictures a chapter shows,
+`![what it shows](figures/NAME.png)`.
 """
 
 import re
@@ -93,7 +94,10 @@ def shell_commands(block: Block) -> list[tuple[str, list[str]]]:
     i = 0
     while i < len(lines):
         line = lines[i]
-        is_command = line.startswith("$ ") if block.language == "console" else bool(line.strip()) and not line.lstrip().startswith("#")
+        if block.language == "console":
+            is_command = line.startswith("$ ")
+        else:
+            is_command = bool(line.strip()) and not line.lstrip().startswith("#")
         if is_command:
             text = line[2:] if block.language == "console" else line
             while text.endswith("\\") and i + 1 < len(lines):

@@ -21,9 +21,10 @@ import pytest
 import torch
 
 import deebert.exit as package
+from deebert import tradeoff
 from deebert.config import BertConfig
 from deebert.exit import BatchExitResult, ExitResult
-from deebert.model import DeeBert, init_weights
+from deebert.model import DeeBert
 
 HERE = Path(__file__).resolve().parent
 FUNCTIONS = ("entropy", "early_exit", "exit_layers_from_entropies", "expected_saving", "early_exit_batch")
@@ -82,8 +83,7 @@ def tiny_deebert() -> DeeBert:
     torch.manual_seed(2)
     config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=N_LAYERS, num_attention_heads=4,
                         intermediate_size=64, max_position_embeddings=64, labels=["no", "yes"])
-    model = DeeBert(config)
-    model.apply(init_weights)
+    model = DeeBert(config)  # BERT's initialisation, done by the constructor
     with torch.no_grad():
         model.encoder.embeddings.word_embeddings.weight.mul_(50)
         for layer in model.encoder.layers:
@@ -292,7 +292,7 @@ def test_step3_matches_the_package_on_the_model(exercise, model, batch):
         every_off_ramp = torch.stack(model(*inputs(batch)), dim=1)  # n x (B, C) -> (B, n, C)
     entropies = package.entropy(every_off_ramp)  # (B, n)
     for S in (0.0, 0.1, 0.3, 0.5, 0.7):
-        expected = package.exit_layers_from_entropies(entropies, S).tolist()
+        expected = tradeoff.entropy_exits(every_off_ramp, S).tolist()
         assert torch.as_tensor(exercise.exit_layers_from_entropies(entropies, S)).tolist() == expected
 
 
@@ -309,7 +309,7 @@ def test_step4_worked_examples(exercise):
 @pytest.mark.parametrize("S", THRESHOLDS)
 def test_step4_matches_the_package_on_the_model(exercise, model, batch, S):
     exit_layers = package.early_exit_batch(model, *inputs(batch), S=S).exit_layers
-    expected = package.expected_saving(exit_layers, N_LAYERS)
+    expected = tradeoff.expected_saving(exit_layers, N_LAYERS)
     assert float(exercise.expected_saving(exit_layers, N_LAYERS)) == pytest.approx(expected, abs=1e-9)
 
 

