@@ -27,7 +27,7 @@ import torch
 from deebert import tradeoff
 from deebert.checkpoint import resolve
 from deebert.classify import classify, load
-from deebert.device import PRECISIONS, dtype_name
+from deebert.device import PRECISIONS, dtype_name, pick_device, use_tf32
 from deebert.errors import DeeBertError, Parser, number
 from deebert.exit import check_threshold
 from deebert.files import write_atomically
@@ -397,6 +397,7 @@ def main(argv=None) -> int:
         args = build_parser().parse_intermixed_args(argv)
         if args.threads:
             torch.set_num_threads(args.threads)
+        use_tf32(pick_device(args.device))  # fp32 products in TF32 on a GPU (--dtype fp32 there); the CPU is as it was
         if args.eval:
             given = "texts" if args.texts else "--file" if args.file else "--S" if args.S is not None else None
             if given:

@@ -290,7 +290,10 @@ def main(argv=None):
             f"{torch.get_num_threads()} threads, {run.world_size} process(es)")
 
     results = {}
-    for stage in ("joint",) if args.joint else ("stage 1", "stage 2"):
+    stages = ("joint",) if args.joint else ("stage 1", "stage 2")
+    if model.num_layers == 1:  # its one off-ramp is the last: stage 1 trains it, and stage 2 has nothing to train
+        stages = stages[:1]
+    for stage in stages:
         stats = train_stage(stage, model, train, tokenizer, args, run)
         if run.rank == 0:
             started = time.perf_counter()

@@ -72,7 +72,8 @@ def checkpoint_name(our_name: str) -> str:
 def read_weights(path, dtype=torch.float32) -> dict[str, torch.Tensor]:
     """A safetensors file -> {our parameter name: tensor}, floating ones in `dtype`: float32 by default, whatever
     the file stores, as training needs float32 master weights (in the file's own dtype: memory-mapped views)."""
-    weights, unknown = {}, []
+    weights = {}
+    unknown = []
     for name, tensor in safetensors.load_file(path).items():
         ours = module_name(name)
         if ours is None:

@@ -115,7 +115,9 @@ def early_exit_batch(model, input_ids, token_type_ids=None, attention_mask=None,
     """
     S = check_threshold(S)
     check_eval_mode(model)
-    B, n, device = input_ids.shape[0], model.num_layers, input_ids.device
+    B = input_ids.shape[0]
+    n = model.num_layers
+    device = input_ids.device
     logits = torch.empty(B, model.config.num_labels, device=device)
     exit_layers = torch.full((B,), n, dtype=torch.long, device=device)
     entropies = torch.full((B, n), math.nan, device=device)

@@ -95,7 +95,8 @@ def save_file(tensors: dict[str, torch.Tensor], path, metadata: dict | None = No
     """Write tensors as a safetensors file, atomically (see deebert/files.py)."""
     # Largest elements first keeps every tensor aligned to its element size, as the reference writer does.
     names = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
-    header, offset = {}, 0
+    header = {}
+    offset = 0
     for name in names:
         tensor = tensors[name]
         nbytes = tensor.numel() * tensor.element_size()

@@ -82,7 +82,8 @@ def measure_wall_clock(model, batches, S_values, static: dict | None = None, bud
     batches = list(batches)
     if not batches:
         raise DeeBertError("measure_wall_clock got no batches; pass at least one example")
-    device, n = next(model.parameters()).device, model.num_layers
+    device = next(model.parameters()).device
+    n = model.num_layers
     S_values = list(dict.fromkeys(S_values))
     all_logits, _ = full_pass(model, batches)  # every S's exits from one pass, as tradeoff.sweep reads them
     exits = {S: entropy_exits(all_logits, S) for S in S_values}

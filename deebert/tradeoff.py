@@ -58,7 +58,8 @@ def first_layer_where(flags) -> torch.Tensor:
 
 def run_lengths(flags) -> torch.Tensor:
     """(N, n) booleans -> (N, n): how many Trues in a row end at each layer. [[T, T, F, T]] -> [[1, 2, 0, 1]]."""
-    runs, run = [], torch.zeros(len(flags), dtype=torch.long)
+    runs = []
+    run = torch.zeros(len(flags), dtype=torch.long)
     for column in flags.T:
         run = (run + 1) * column  # one more True in a row, or back to 0
         runs.append(run)
@@ -175,7 +176,8 @@ def compare_rules(all_logits, labels, task, static: list | None = None) -> dict:
     """Every exit rule over its grid, from the same full pass: {rule: {"points": [one row per threshold],
     "at": {saving: best metric}, "mean": the envelope's mean over 0..60%}}. `static`: rows of static models
     (smaller models that always run K layers), compared in the same way."""
-    metric, n = task.main_metric, all_logits.shape[1]
+    metric = task.main_metric
+    n = all_logits.shape[1]
     points = {name: [{"rule": name, "threshold": t, **score(task, all_logits, labels, exits(all_logits, t))}
                      for t in thresholds]
               for name, (exits, thresholds) in rule_grids(n).items()}

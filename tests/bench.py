@@ -102,11 +102,13 @@ def bench_forward(args, device, tf, gpu: bool = False) -> dict:
     if tf:
         models["theirs"] = tf.BertModel.from_pretrained(str(args.model)).eval()
     runs = {who: (lambda batch, model=model: model(**batch)) for who, model in models.items()}
-    tokenizer, c = tokenizer_for(args.model, models["ours"]), models["ours"].config
+    tokenizer = tokenizer_for(args.model, models["ours"])
+    c = models["ours"].config
     texts = glue(get_task("rte"), "dev", args.data_dir) or PAIRS
     gpu_name = torch.cuda.get_device_name(device) if gpu else ""
     cases = [(d, B) for d in ("fp32", "bf16") for B in args.gpu_batch_sizes] if gpu else [("fp32", 1), ("fp32", 32)]
-    result, shown = {"source": "built-in pairs" if texts is PAIRS else "RTE dev", "rows": []}, []
+    result = {"source": "built-in pairs" if texts is PAIRS else "RTE dev", "rows": []}
+    shown = []
     for dtype, B in cases:
         count, length = (B, tokenizer.max_length) if B > 1 else (args.pairs, 0)  # batch 1: no padding
         examples = [texts[i % len(texts)] for i in range(count)]  # round and round
@@ -143,7 +145,8 @@ def bench_exit(args, device, tf=None, batch_size: int = 32) -> dict:
         return {"skipped": "no --checkpoint, no runs/sst-2: python train.py --task sst-2 --output_dir runs/sst-2"}
     dtype = pick_dtype(args.dtype, device)
     model = load_deebert(args.checkpoint, dtype=dtype).to(device)
-    task, tokenizer = get_task(model.config.task), tokenizer_for(args.checkpoint, model)
+    task = get_task(model.config.task)
+    tokenizer = tokenizer_for(args.checkpoint, model)
     examples = (glue(task, "dev", args.data_dir) or [])[: args.examples]
     if not examples:
         return {"skipped": f"no {task.folder} dev set: pass --data_dir or set GLUE_DIR"}
@@ -215,7 +218,8 @@ def load_probe(kind: str, directory) -> dict:
         line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM"))
         return int(line.split()[1]) / 1024
     transformers = import_transformers() if kind == "theirs" else None  # before the clock: the import is not the load
-    before, start = peak_memory_mb(), time.perf_counter()
+    before = peak_memory_mb()
+    start = time.perf_counter()
     model = transformers.BertModel.from_pretrained(str(directory)).eval() if transformers else load_bert(directory)
     seconds = time.perf_counter() - start
     model(input_ids=torch.ones(1, 8, dtype=torch.long))

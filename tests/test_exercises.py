@@ -13,8 +13,10 @@ import pytest
 import torch
 
 EXERCISES = Path(__file__).resolve().parents[1] / "tutorial" / "exercises"
-CHECK, SOLUTIONS, SKELETON = EXERCISES / "check.py", EXERCISES / "solutions.py", EXERCISES / "exit_exercise.py"
-STEPS = ("step1", "step2", "step3", "step4", "step5")
+CHECK = EXERCISES / "check.py"
+SOLUTIONS = EXERCISES / "solutions.py"
+SKELETON = EXERCISES / "exercise.py"
+STEPS = ("step1", "step2", "step3", "step4", "step5", "step6", "step7")
 
 
 class Outcomes:
@@ -58,22 +60,47 @@ def early_exit_batch(model, input_ids, token_type_ids, attention_mask, S):
     """Right answers, wrong work: every example runs through every layer; only the first exit is kept."""
     every_off_ramp = torch.stack(model(input_ids, token_type_ids, attention_mask), dim=1)  # (B, n, C)
     entropies = entropy(every_off_ramp)  # (B, n)
-    exit_layers = exit_layers_from_entropies(entropies, S)  # (B,)
+    exit_layers = entropy_exits(every_off_ramp, S)  # (B,)
     logits = every_off_ramp[torch.arange(len(exit_layers)), exit_layers - 1]  # (B, C)
     entropies[torch.arange(model.num_layers) >= exit_layers[:, None]] = float("nan")
     return BatchExitResult(logits, exit_layers, entropies)
 '''
 
-WRONG = {  # name: (step, the change, the checks that must fail)
+SOFTMAX = "p = logits.float().softmax(dim=-1)"
+WRONG = {  # name: (step, the change, the checks that must fail, a phrase the failure must teach)
     "entropy over the batch dim": ("step1", {"replace": ("softmax(dim=-1)", "softmax(dim=0)")},
-                                   {"test_step1_entropy_is_over_the_classes_not_the_batch"}),
-    "<= in early_exit": ("step2", {"replace": ("if e < S:", "if e <= S:")}, {"test_step2_S_zero_never_exits_early"}),
-    "<= in exit_layers_from_entropies": ("step3", {"replace": (".double() < S  # (N, n)", ".double() <= S  # (N, n)")},
-                                         {"test_step3_an_entropy_equal_to_S_does_not_exit"}),
+                                   {"test_step1_entropy_is_over_the_classes_not_the_batch"}, ""),
+    "a softmax dim that depends on the rank": (
+        "step1", {"replace": (SOFTMAX, "p = logits.float().softmax(dim=-1 if logits.dim() < 3 else 1)")},
+        {"test_step1_matches_the_package_on_random_logits_of_any_rank"}, "dim=-1, for logits of any rank"),
+    "torch's implicit softmax dim": ("step1", {"replace": (SOFTMAX, "p = F.softmax(logits.float())")},
+                                     {"test_step1_matches_the_package_on_random_logits_of_any_rank"}, "any rank"),
+    "<= in early_exit": ("step2", {"replace": ("if e < S:", "if e <= S:")}, {"test_step2_S_zero_never_exits_early"},
+                         "strictly"),
+    "<= in entropy_exits": ("step3", {"replace": (".double() < S  # (N, n, C)", ".double() <= S  # (N, n, C)")},
+                            {"test_step3_an_entropy_of_exactly_S_does_not_exit"}, "strictly"),
     "the used fraction, not the saving": ("step4", {"replace": ("return 1.0 - used_fraction", "return used_fraction")},
-                                          {"test_step4_worked_examples"}),
+                                          {"test_step4_worked_examples"}, "not the used"),
     "<= in early_exit_batch": ("step5", {"replace": ("exits = e.double() < S", "exits = e.double() <= S")},
-                               {"test_step5_S_zero_runs_every_layer_and_S_above_ln_C_only_the_first"}),
+                               {"test_step5_S_zero_runs_every_layer_and_S_above_ln_C_only_the_first"}, ""),
+    "stage 2 trains the last off-ramp too": (
+        "step6", {"replace": ("for ramp in model.off_ramps[:-1] for p", "for ramp in model.off_ramps for p")},
+        {"test_step6_trains_every_off_ramp_but_the_last_and_nothing_else"}, "must not train the last off-ramp"),
+    "stage 2's loss counts the last off-ramp": (
+        "step6", {"replace": ("zip(model.off_ramps[:-1], hidden_states[:-1])", "zip(model.off_ramps, hidden_states)")},
+        {"test_step6_the_loss_sums_the_lower_off_ramps_losses"}, "without the last off-ramp"),
+    "gradients reach the encoder in stage 2": (
+        "step6", {"replace": ("    with torch.no_grad():  # the backbone is frozen", "    if True:  # the backbone")},
+        {"test_step6_no_gradient_reaches_the_encoder"}, "torch.no_grad()"),
+    "stage 2 averages where the paper sums": (
+        "step6", {"replace": ("return sum(losses)  # the paper sums them", "return sum(losses) / len(losses)")},
+        {"test_step6_the_loss_sums_the_lower_off_ramps_losses"}, "the paper sums"),
+    "patience one layer early (t off-ramps agree, not t + 1)": (
+        "step7", {"replace": ("if counter >= t:", "if counter + 1 >= t:")},
+        {"test_step7_worked_examples", "test_step7_matches_the_package_on_random_logits"}, "t + 1 off-ramps"),
+    "patience one layer late": ("step7", {"replace": ("if counter >= t:", "if counter > t:")},
+                                {"test_step7_worked_examples", "test_step7_matches_the_package_on_random_logits"},
+                                "off-by-one"),
 }
 
 
@@ -84,11 +111,12 @@ def test_the_solutions_pass_every_check(monkeypatch):
 
 
 @pytest.mark.parametrize("name", WRONG)
-def test_the_checks_reject_a_wrong_answer(tmp_path, monkeypatch, name):
-    step, change, must_fail = WRONG[name]
+def test_the_checks_reject_a_wrong_answer_and_say_why(tmp_path, monkeypatch, name):
+    step, change, must_fail, lesson = WRONG[name]
     outcomes = run_checks(variant(tmp_path, **change), monkeypatch, step)
     assert outcomes.code == pytest.ExitCode.TESTS_FAILED
     assert must_fail <= set(outcomes.failed), f"{name}: only {sorted(outcomes.failed)} failed"
+    assert all(lesson in outcomes.failed[check] for check in must_fail), outcomes.failed  # a message that teaches
 
 
 def test_the_checks_reject_a_batch_without_compaction(tmp_path, monkeypatch):

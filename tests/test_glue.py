@@ -31,7 +31,8 @@ def write_tsv(folder: Path, name: str, lines: list) -> Path:
 
 
 def error_message(function, *args, **kwargs) -> str:
-    """The message of the DeeBertError that function(*args, **kwargs) raises, checked to be one line."""
+    """The message of the DeeBertError that function(*args, **kwargs) raises, checked to be one line. The tests then
+    check what it names (the file and line, the flag, the value at fault), not how it is worded."""
     with pytest.raises(DeeBertError) as error:
         function(*args, **kwargs)
     message = str(error.value)
@@ -219,49 +220,40 @@ def test_read_qqp(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Synthetic TSVs: every error
+# Synthetic TSVs: every error is one line that names the file, the line and what is wrong there
 
 
-@pytest.mark.parametrize(
-    "name, lines, expected",
-    [
-        ("rte", [RTE_HEADER, "0\tA.\tB.\tentailment", "1\tonly two"],
-         "train.tsv line 3: expected at least 4 tab-separated columns, found 2; the file is not in GLUE TSV format"),
-        ("qqp", ["header", "7\t1\t2\tHow old?\tWhat age?\t1", "8\t3\t4\tWhy?\t0"],
-         "train.tsv line 3: expected at least 6 tab-separated columns, found 5"),
-        ("mnli", ["header", "\t".join(["x"] * 10)],  # the label is the last column, after the texts
-         "train.tsv line 2: expected at least 11 tab-separated columns, found 10"),
-    ],
-)
-def test_malformed_row_names_file_and_line(tmp_path, name, lines, expected):
+@pytest.mark.parametrize("name, lines, where", [
+    ("rte", [RTE_HEADER, "0\tA.\tB.\tentailment", "1\tonly two"], "train.tsv line 3"),
+    ("qqp", ["header", "7\t1\t2\tHow old?\tWhat age?\t1", "8\t3\t4\tWhy?\t0"], "train.tsv line 3"),
+    ("mnli", ["header", "\t".join(["x"] * 10)], "train.tsv line 2"),  # the label is the last column, after the texts
+])
+def test_a_row_with_too_few_columns_names_its_file_and_line(tmp_path, name, lines, where):
     write_tsv(tmp_path, "train.tsv", lines)
-    assert expected in error_message(read_split, get_task(name), tmp_path, "train")
+    assert where in error_message(read_split, get_task(name), tmp_path, "train")
 
 
-def test_bad_label_names_file_line_label_and_allowed(tmp_path):
+def test_a_bad_label_names_its_line_and_the_label(tmp_path):
     write_tsv(tmp_path, "train.tsv", [RTE_HEADER, "0\tA.\tB.\tmaybe"])
     message = error_message(read_split, get_task("rte"), tmp_path, "train")
-    assert "train.tsv line 2" in message
-    assert "'maybe'" in message
-    assert "entailment, not_entailment" in message
+    assert "train.tsv line 2" in message and "'maybe'" in message
 
 
-def test_empty_split(tmp_path):
+def test_an_empty_split_names_its_file(tmp_path):
     write_tsv(tmp_path, "dev.tsv", [RTE_HEADER])
     (tmp_path / "train.tsv").write_bytes(b"")
     for split in ("dev", "train"):
-        assert "no data rows" in error_message(read_split, get_task("rte"), tmp_path, split)
+        assert f"{split}.tsv" in error_message(read_split, get_task("rte"), tmp_path, split)
 
 
-def test_missing_file(tmp_path):
+def test_a_missing_file_is_named_with_the_flag_that_fixes_it(tmp_path):
     message = error_message(read_split, get_task("rte"), tmp_path, "train")
-    assert str(tmp_path / "train.tsv") in message
-    assert "--data_dir" in message and "GLUE_DIR" in message
+    assert str(tmp_path / "train.tsv") in message and "--data_dir" in message
 
 
-def test_test_split_and_unknown_split_are_refused(tmp_path):
+def test_the_test_split_and_an_unknown_split_are_refused(tmp_path):
     write_tsv(tmp_path, "test.tsv", ["index\tsentence1\tsentence2", "0\tA.\tB."])
-    assert "no labels" in error_message(read_split, get_task("rte"), tmp_path, "test")
+    assert "'test'" in error_message(read_split, get_task("rte"), tmp_path, "test")
     assert "'dev_matched'" in error_message(read_split, get_task("rte"), tmp_path, "dev_matched")
 
 
@@ -350,7 +342,7 @@ def test_find_data_dir_errors(tmp_path, monkeypatch, no_download):
     monkeypatch.delenv("GLUE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     message = error_message(find_data_dir, get_task("rte"), download=False)  # nothing anywhere, no download
-    assert "--data_dir" in message and "GLUE_DIR" in message
+    assert "--data_dir" in message
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -429,9 +421,8 @@ def test_download_of_a_zip_named_otherwise(tmp_path, monkeypatch):
 def test_download_failure_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
     serve(monkeypatch, {})
     message = error_message(download_task, get_task("rte"), tmp_path / "RTE")
-    assert message.startswith("could not download RTE from https://dl.fbaipublicfiles.com/glue/data/RTE.zip")
-    assert "(no network)" in message
-    assert "--data_dir" in message and "GLUE_DIR" in message
+    assert "https://dl.fbaipublicfiles.com/glue/data/RTE.zip" in message and "no network" in message
+    assert "--data_dir" in message  # the way out when offline
     assert os.listdir(tmp_path) == []
 
 
@@ -441,16 +432,16 @@ def test_download_cut_off_halfway_leaves_nothing(tmp_path, monkeypatch):
             raise ConnectionResetError("connection reset by peer")
 
     monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: CutOff())
-    assert "connection reset by peer" in error_message(download_task, get_task("rte"), tmp_path / "RTE")
+    assert "RTE.zip" in error_message(download_task, get_task("rte"), tmp_path / "RTE")
     assert os.listdir(tmp_path) == []
 
 
 def test_download_of_a_bad_zip(tmp_path, monkeypatch):
-    assert "not a zip file" in download_error(tmp_path, monkeypatch, b"<html>not a zip</html>")
+    assert "RTE.zip" in download_error(tmp_path, monkeypatch, b"<html>not a zip</html>")
     assert "dev.tsv" in download_error(tmp_path, monkeypatch, {"RTE/train.tsv": RTE_ZIP["RTE/train.tsv"]})
     for unsafe in ("RTE/../escaped.tsv", "/absolute.tsv"):
         message = download_error(tmp_path, monkeypatch, {**RTE_ZIP, unsafe: "x"})
-        assert f"unsafe path in zip: {unsafe}" in message
+        assert unsafe in message
     assert not (tmp_path.parent / "escaped.tsv").exists()
 
 
@@ -485,4 +476,4 @@ def test_build_mrpc_rejects_a_malformed_line(tmp_path):
     write_tsv(tmp_path, "dev_ids.tsv", ["11\t12"])
     message = error_message(build_mrpc, tmp_path / "train.txt", tmp_path / "test.txt", tmp_path / "dev_ids.tsv",
                             tmp_path / "MRPC")
-    assert "train.txt line 2: expected 5 tab-separated columns" in message
+    assert "train.txt line 2" in message

@@ -187,7 +187,9 @@ def test_the_certified_S_violates_epsilon_in_at_most_about_delta_of_draws():
     population = synthetic_logits(200_000, generator)  # the "true" disagreement rate of each S
     true_rate = {S: float(disagreement(population, S).float().mean()) for S in S_values}
     assert true_rate[0.2] == 0.0 and true_rate[0.35] < 0.05 < true_rate[0.38]  # the grid crosses epsilon
-    epsilon, delta, draws, violations, chosen = 0.05, 0.1, 300, 0, set()
+    epsilon, delta, draws = 0.05, 0.1, 300
+    violations = 0
+    chosen = set()
     for _ in range(draws):
         result = certify_S(synthetic_logits(1000, generator), epsilon, delta, S_values)
         violations += result["S"] > 0 and true_rate[result["S"]] > epsilon

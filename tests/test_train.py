@@ -249,3 +249,11 @@ def test_batches_pad_each_batch_to_its_own_longest(tiny_checkpoint):
     examples = [Example("the cat", None, 0), Example("the cat sat on the mat", None, 1)]
     shapes = [b["input_ids"].shape for b in batches(tokenizer, examples, batch_size=1)]
     assert shapes == [(1, 4), (1, 8)]
+
+
+def test_one_layer_trains_stage_1_only(tiny_checkpoint, tmp_path, capsys):
+    """--layers 1: the one off-ramp is the last, which stage 1 trains; stage 2 would have nothing to train."""
+    data = write_glue(tmp_path / "glue") / "SST-2"
+    model, results = train.main(tiny_args(tiny_checkpoint, data, tmp_path / "k1", "--layers", "1", "--epochs", "1"))
+    assert model.num_layers == 1 and list(results) == ["stage1"]
+    assert "stage 2" not in capsys.readouterr().out

@@ -1,5 +1,7 @@
 """The tutorial cannot drift from the code: every chapter's code blocks run, its outputs and quotes are checked.
 
+The pages (PAGES below: the 30-minute page, the numbered chapters, the appendices) are read in that order.
+
 - ```python blocks run in order, in one namespace per chapter. A chapter that reads the model directory
   from $MODEL runs twice: on a tiny random BERT (always; outputs not compared, its numbers differ) and on
   the real all-MiniLM-L6-v2 (when installed; each ```text block right after a python block must equal
@@ -12,7 +14,7 @@
   command that failed, not only the first. The output shown after a command comes from the real run the
   chapter describes.
 - Every figure a chapter shows, `![...](figures/NAME.png)`, must exist and be of a kind that
-  `python figures.py` draws (`<kind>-<run>.png`), checked by running it in the scratch copy after the
+  `python tutorial/figures.py` draws (`<kind>-<run>.png`), checked by running it in the scratch copy after the
   chapters' commands.
 - `<!-- quote: FILE -->` blocks must appear verbatim in FILE; `<!-- not run: why -->` blocks are counted
   against NOT_RUN below, so that nothing is skipped silently.
@@ -35,14 +37,18 @@ from helpers.markdown import LANGUAGES, excerpt_found, images, matches, read_blo
 
 ROOT = Path(__file__).resolve().parents[1]
 TUTORIAL = ROOT / "tutorial"
-CHAPTERS = [
+QUICK = "deebert-in-30-minutes.md"  # the one page a learner finishes in half an hour, training included
+CHAPTERS = [  # the numbered chapters: the method end to end
     "00-what-deebert-is.md", "01-text-to-tensors.md", "02-the-encoder-layer.md", "03-loading-real-weights.md",
     "04-off-ramps.md", "05-two-loop-fine-tuning.md", "06-the-entropy-check.md", "07-measuring-the-trade-off.md",
-    "08-gpus-and-scale.md",
+    "08-static-models-and-other-exit-rules.md",
 ]
-# Blocks marked <!-- not run: ... -->, per chapter. Keep this short: installs, the whole suite, GPU-only commands.
-NOT_RUN = {"00-what-deebert-is.md": 3, "03-loading-real-weights.md": 1, "08-gpus-and-scale.md": 3}
-READS_MODEL = 'os.environ.get("MODEL")'  # a chapter whose python reads this runs on both checkpoints
+APPENDICES = ["appendix-measuring-honestly.md", "appendix-gpus-and-scale.md", "appendix-certified-s.md"]
+PAGES = [QUICK, *CHAPTERS, *APPENDICES]  # in reading order: what the tests run, and in which order
+MAX_WORDS = 16_000  # the numbered chapters together, as `wc -w` counts them, code blocks included
+# Blocks marked <!-- not run: ... -->, per page. Keep this short: installs, the whole suite, GPU-only commands.
+NOT_RUN = {QUICK: 1, "00-what-deebert-is.md": 2, "03-loading-real-weights.md": 1, "appendix-gpus-and-scale.md": 3}
+READS_MODEL = 'os.environ.get("MODEL")'  # a page whose python reads this runs on both checkpoints
 
 
 def chapter_blocks(name: str) -> list:
@@ -50,7 +56,7 @@ def chapter_blocks(name: str) -> list:
 
 
 def existing_chapters() -> list:
-    return [name for name in CHAPTERS if (TUTORIAL / name).is_file()]
+    return [name for name in PAGES if (TUTORIAL / name).is_file()]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -71,24 +77,44 @@ def tiny(tmp_path_factory) -> dict:
 # The chapters exist, the index links them, the blocks are well formed
 
 
-def test_every_chapter_exists_and_the_tutorial_index_links_each_and_the_exercises():
-    assert existing_chapters() == CHAPTERS
+def test_every_page_exists_and_the_tutorial_index_links_each_and_the_exercises():
+    assert existing_chapters() == PAGES
     index = (TUTORIAL / "README.md").read_text(encoding="utf-8")
-    for name in CHAPTERS:
+    for name in PAGES:
         assert f"]({name})" in index, f"tutorial/README.md does not link {name}"
     assert "](exercises/README.md)" in index, "tutorial/README.md does not link the exercises"
 
 
-def test_the_readme_links_every_chapter():
-    readme = ROOT / "README.md"
-    if not readme.is_file():
-        pytest.skip("README.md is not written yet")
-    text = readme.read_text(encoding="utf-8")
-    for name in CHAPTERS:
+def test_the_readme_links_every_page():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    for name in PAGES:
         assert f"](tutorial/{name})" in text, f"README.md does not link tutorial/{name}"
 
 
-@pytest.mark.parametrize("name", CHAPTERS)
+def words(name: str) -> int:
+    return len((TUTORIAL / name).read_text(encoding="utf-8").split())  # as `wc -w` counts
+
+
+def test_the_numbered_chapters_hold_at_most_16000_words():
+    total = sum(words(name) for name in CHAPTERS)
+    assert total <= MAX_WORDS, f"{total} words in the numbered chapters: " + ", ".join(
+        f"{name[:2]}: {words(name)}" for name in CHAPTERS)
+
+
+@pytest.mark.parametrize("name", [name for name in CHAPTERS if (TUTORIAL / name).is_file()])
+def test_each_chapter_opens_with_what_you_will_build_and_ends_with_what_you_learned(name):
+    text = (TUTORIAL / name).read_text(encoding="utf-8")
+    opening = text.split("\n## ")[0]
+    assert "you will build" in opening.lower(), f"{name}: say what the reader will build before the first section"
+    sections = text.split("\n## ")
+    last = sections[-1]
+    assert last.startswith("What you learned"), f"{name}: end with a '## What you learned' section"
+    bullets = [line for line in last.splitlines() if line.startswith("- ")]
+    assert 3 <= len(bullets) <= 5, f"{name}: 'What you learned' has {len(bullets)} bullets; give 3 to 5"
+    assert "to remember" in last.lower(), f"{name}: name the one command or function to remember"
+
+
+@pytest.mark.parametrize("name", existing_chapters())
 def test_relative_links_lead_to_files_that_exist(name):
     text = (TUTORIAL / name).read_text(encoding="utf-8")
     for target in re.findall(r"\]\(([^)\s]+)\)", text):
@@ -98,7 +124,7 @@ def test_relative_links_lead_to_files_that_exist(name):
         assert path.exists(), f"{name} links {target}, which does not exist"
 
 
-@pytest.mark.parametrize("name", CHAPTERS)
+@pytest.mark.parametrize("name", existing_chapters())
 def test_blocks_are_well_formed_and_the_not_run_ones_are_counted(name):
     blocks = chapter_blocks(name)
     for block in blocks:
@@ -118,7 +144,7 @@ def test_blocks_are_well_formed_and_the_not_run_ones_are_counted(name):
     assert not_run == expected, f"{name} has {not_run} block(s) marked not run; NOT_RUN says {expected}"
 
 
-@pytest.mark.parametrize("name", CHAPTERS)
+@pytest.mark.parametrize("name", existing_chapters())
 def test_quoted_excerpts_appear_verbatim_in_the_named_file(name):
     for block in chapter_blocks(name):
         if block.marker == "quote":
@@ -171,8 +197,9 @@ def test_python_blocks_run_and_print_what_the_chapter_shows(name, model, tiny, t
 # ----------------------------------------------------------------------------------------------------
 # Shell blocks: one test per chapter, in reading order, in one scratch copy of the repository
 
-SCRATCH_DIRS = ("deebert", "tests", "tutorial/exercises")  # tutorial/exercises: chapter 0 runs its check
-SCRATCH_FILES = (*sorted(p.name for p in ROOT.glob("*.py")), "pytest.ini", "requirements.txt", "requirements-test.txt")
+SCRATCH_DIRS = ("deebert", "tests", "tutorial/exercises")  # tutorial/exercises: the quick page runs its check
+SCRATCH_FILES = (*sorted(p.name for p in ROOT.glob("*.py")), "tutorial/figures.py", "pytest.ini", "ruff.toml",
+                 "requirements.txt", "requirements-test.txt")
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +211,7 @@ def sandbox(tmp_path_factory, tiny) -> dict:
     for name in SCRATCH_DIRS:
         shutil.copytree(ROOT / name, work / name, ignore=skip)
     for name in SCRATCH_FILES:
-        shutil.copy(ROOT / name, work / name)
+        shutil.copy(ROOT / name, work / name)  # tutorial/ exists: copytree made tutorial/exercises
     env = {**os.environ, "MODEL": str(tiny["model"]), "GLUE_DIR": str(tiny["glue"]), "OMP_NUM_THREADS": "1",
            "MPLBACKEND": "Agg", "HF_HUB_OFFLINE": "1"}
     env.pop("PYTHONPATH", None)
@@ -223,9 +250,9 @@ def run_chapter(name: str, sandbox: dict) -> list:
     return sandbox["failures"][name]
 
 
-@pytest.mark.parametrize("name", [name for name in CHAPTERS if commands(name)])
+@pytest.mark.parametrize("name", [name for name in existing_chapters() if commands(name)])
 def test_shell_commands_of_each_chapter_run_in_reading_order(name, sandbox):
-    earlier = CHAPTERS[: CHAPTERS.index(name)]
+    earlier = [page for page in PAGES[: PAGES.index(name)] if (TUTORIAL / page).is_file()]
     broken = [before for before in earlier if run_chapter(before, sandbox)]  # runs those not yet run
     failures = run_chapter(name, sandbox)
     note = f"\n\n(commands of earlier chapters failed too, which may explain it: {', '.join(broken)})" if broken else ""
@@ -233,29 +260,30 @@ def test_shell_commands_of_each_chapter_run_in_reading_order(name, sandbox):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Figures: shown, present, and drawn by figures.py
+# Figures: shown, present, and drawn by tutorial/figures.py
 
 RUN = "sst-2"  # figures.py draws from runs/sst-2 by default, and names its files <kind>-sst-2.png
 
 
 @pytest.fixture(scope="module")
 def drawn_kinds(sandbox) -> set:
-    """The kinds of figure `python figures.py` draws ("model", "off-ramps", ...) from the runs the chapters'
+    """The kinds of figure `python tutorial/figures.py` draws ("model", "off-ramps", ...) from the runs the chapters'
     commands made in the scratch copy."""
-    for name in CHAPTERS:
+    for name in existing_chapters():
         run_chapter(name, sandbox)
-    done = run_shell("python figures.py", sandbox)
-    assert done.returncode == 0, f"python figures.py failed in the scratch copy:\n{(done.stdout + done.stderr)[-2500:]}"
+    done = run_shell("python tutorial/figures.py", sandbox)
+    output = (done.stdout + done.stderr)[-2500:]
+    assert done.returncode == 0, f"python tutorial/figures.py failed in the scratch copy:\n{output}"
     written = sorted(path.name for path in (sandbox["cwd"] / "tutorial" / "figures").glob("*.png"))
-    assert written, f"python figures.py wrote no figure:\n{done.stdout}"
+    assert written, f"python tutorial/figures.py wrote no figure:\n{done.stdout}"
     return {name.removesuffix(f"-{RUN}.png") for name in written}
 
 
-@pytest.mark.parametrize("name", [name for name in CHAPTERS if images(TUTORIAL / name)])
+@pytest.mark.parametrize("name", [name for name in existing_chapters() if images(TUTORIAL / name)])
 def test_every_figure_a_chapter_shows_exists_and_is_drawn_by_figures_py(name, drawn_kinds):
     for target in images(TUTORIAL / name):
         assert re.fullmatch(r"figures/[\w.-]+\.png", target), f"{name} shows {target}; figures live in figures/*.png"
-        assert (TUTORIAL / target).is_file(), f"{name} shows {target}, which does not exist; run python figures.py"
+        assert (TUTORIAL / target).is_file(), f"{name} shows {target}, which does not exist; draw it"
         kind = next((kind for kind in drawn_kinds if target.removeprefix("figures/").startswith(kind + "-")), None)
-        assert kind, (f"{name} shows {target}, which python figures.py does not draw; it draws "
+        assert kind, (f"{name} shows {target}, which python tutorial/figures.py does not draw; it draws "
                       f"{', '.join(sorted(drawn_kinds))} (as <kind>-<run>.png)")

@@ -1,12 +1,13 @@
-"""Checks for the early-exit exercises, step by step. From the repository root:
+"""Checks for the exercises, step by step. From the repository root:
 
-    python -m pytest -q tutorial/exercises/check.py -k step1       # your exit_exercise.py, step 1 only
+    python -m pytest -q tutorial/exercises/check.py -k step1       # your exercise.py, step 1 only
     python -m pytest -q tutorial/exercises/check.py                # every step
     DEEBERT_EXERCISE=solutions python -m pytest -q tutorial/exercises/check.py   # the solutions instead
 
-$DEEBERT_EXERCISE picks the file under test: a path, or a file name in this folder (default
-exit_exercise.py). Every check compares the file's functions with the package's own, deebert/exit.py,
-on hand-made logits and on a tiny random DeeBERT whose 50 random inputs exit at every layer.
+$DEEBERT_EXERCISE picks the file under test: a path, or a file name in this folder (default exercise.py).
+Every check compares the file's functions with the package's own (deebert/exit.py, tradeoff.py, stages.py),
+on hand-made logits and on a tiny random DeeBERT whose 50 random inputs exit at every layer. A check that
+rejects a typical wrong answer says what the paper asks instead.
 """
 
 import functools
@@ -21,13 +22,14 @@ import pytest
 import torch
 
 import deebert.exit as package
-from deebert import tradeoff
+from deebert import stages, tradeoff
 from deebert.config import BertConfig
 from deebert.exit import BatchExitResult, ExitResult
 from deebert.model import DeeBert
 
 HERE = Path(__file__).resolve().parent
-FUNCTIONS = ("entropy", "early_exit", "exit_layers_from_entropies", "expected_saving", "early_exit_batch")
+FUNCTIONS = ("entropy", "early_exit", "entropy_exits", "expected_saving", "early_exit_batch", "stage2_parameters",
+             "stage2_loss", "patience_exits")
 N_LAYERS, N_INPUTS, VOCAB = 3, 50, 30
 THRESHOLDS = (0.3, 0.4, 0.5)  # at each, the 50 random inputs exit at every layer
 ABOVE_LN_2 = (math.log(2) + 1e-3, 5.0)  # an entropy over 2 classes is at most ln 2: always exit at layer 1
@@ -39,7 +41,7 @@ ABOVE_LN_2_IDS = ("ln2+0.001", "5.0")
 
 def exercise_path() -> Path:
     """$DEEBERT_EXERCISE as a name in this folder ("solutions", "solutions.py"), or else as a path."""
-    chosen = os.environ.get("DEEBERT_EXERCISE", "exit_exercise.py")
+    chosen = os.environ.get("DEEBERT_EXERCISE", "exercise.py")
     for path in (HERE / chosen, HERE / f"{chosen}.py", Path(chosen)):
         if path.is_file():
             return path.resolve()
@@ -62,7 +64,7 @@ def reported(function, file_name):
 
 @pytest.fixture(scope="module")
 def exercise():
-    """The five functions of the file under test (loaded here, so a missing step fails only its checks)."""
+    """The functions of the file under test (loaded here, so a missing step fails only its checks)."""
     path = exercise_path()
     spec = importlib.util.spec_from_file_location(f"exercise_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
@@ -216,9 +218,13 @@ def test_step1_keeps_leading_dims_and_answers_in_float32(exercise):
     torch.testing.assert_close(values, package.entropy(half), atol=1e-6, rtol=0)
 
 
-def test_step1_matches_the_package_on_random_logits(exercise):
-    logits = torch.randn(64, 3, generator=torch.Generator().manual_seed(0)) * 5
-    torch.testing.assert_close(exercise.entropy(logits), package.entropy(logits), atol=1e-6, rtol=0)
+@pytest.mark.parametrize("shape", [(64, 3), (4, 64, 2), (5, 6, 7, 3)], ids=["2-D", "3-D", "4-D"])
+def test_step1_matches_the_package_on_random_logits_of_any_rank(exercise, shape):
+    """Chapter 7 feeds entropy (N, n, C) logits: the classes are the last dim whatever the rank. A dim that depends
+    on the rank, or torch's old implicit dim (softmax without dim=), is right in 1-D and 2-D and wrong here."""
+    logits = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * 5
+    torch.testing.assert_close(exercise.entropy(logits), package.entropy(logits), atol=1e-6, rtol=0,
+                               msg="softmax over the classes, dim=-1, for logits of any rank")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -271,29 +277,39 @@ def test_step2_no_layer_runs_after_the_exit(exercise, model, batch, S):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Step 3: exit layers from every off-ramp's entropy
+# Step 3: exit layers for any S, from one full pass
+
+
+def logits_with_entropies(entropies) -> torch.Tensor:
+    """(N, n) entropies of two classes -> (N, n, 2) logits [m, 0] whose entropies they are (bisected on m)."""
+    target = torch.as_tensor(entropies, dtype=torch.float64)
+    low, high = torch.zeros_like(target), torch.full_like(target, 40.0)
+    for _ in range(80):
+        middle = (low + high) / 2
+        too_unsure = package.entropy(torch.stack([middle, torch.zeros_like(middle)], dim=-1)).double() > target
+        low, high = torch.where(too_unsure, middle, low), torch.where(too_unsure, high, middle)
+    return torch.stack([high, torch.zeros_like(high)], dim=-1).float()
 
 
 def test_step3_worked_examples(exercise):
-    entropies = torch.tensor([[0.6, 0.2, 0.1], [0.05, 0.9, 0.9], [0.6, 0.6, 0.6]])
-    assert exercise.exit_layers_from_entropies(entropies, 0.3).tolist() == [2, 1, 3]  # 1-based
-    assert exercise.exit_layers_from_entropies(entropies, 0.01).tolist() == [3, 3, 3]  # the last layer answers
-    assert exercise.exit_layers_from_entropies(entropies, 0.0).tolist() == [3, 3, 3]
-    assert exercise.exit_layers_from_entropies(entropies, 1.0).tolist() == [1, 1, 1]
+    all_logits = logits_with_entropies([[0.6, 0.2, 0.1], [0.05, 0.65, 0.65], [0.6, 0.6, 0.6]])
+    assert exercise.entropy_exits(all_logits, 0.3).tolist() == [2, 1, 3]  # 1-based
+    assert exercise.entropy_exits(all_logits, 0.01).tolist() == [3, 3, 3]  # the last layer answers
+    assert exercise.entropy_exits(all_logits, 0.0).tolist() == [3, 3, 3]
+    assert exercise.entropy_exits(all_logits, 1.0).tolist() == [1, 1, 1]
 
 
-def test_step3_an_entropy_equal_to_S_does_not_exit(exercise):
-    assert exercise.exit_layers_from_entropies(torch.tensor([[0.25, 0.5, 0.25]]), 0.25).tolist() == [3]
-    assert exercise.exit_layers_from_entropies(torch.zeros(2, 3), 0.0).tolist() == [3, 3]
+def test_step3_an_entropy_of_exactly_S_does_not_exit(exercise):
+    sure = torch.tensor([[[1e4, 0.0]] * 3])  # (1, 3, 2): entropy exactly 0 at every layer
+    assert exercise.entropy_exits(sure, 0.0).tolist() == [3], "exit only where entropy < S, strictly"
 
 
 def test_step3_matches_the_package_on_the_model(exercise, model, batch):
     with torch.no_grad():
         every_off_ramp = torch.stack(model(*inputs(batch)), dim=1)  # n x (B, C) -> (B, n, C)
-    entropies = package.entropy(every_off_ramp)  # (B, n)
     for S in (0.0, 0.1, 0.3, 0.5, 0.7):
         expected = tradeoff.entropy_exits(every_off_ramp, S).tolist()
-        assert torch.as_tensor(exercise.exit_layers_from_entropies(entropies, S)).tolist() == expected
+        assert torch.as_tensor(exercise.entropy_exits(every_off_ramp, S)).tolist() == expected
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -348,3 +364,88 @@ def test_step5_no_layer_runs_after_an_exit(exercise, model, batch, S):
         exercise.early_exit_batch(model, *inputs(batch), S=S)
     assert counts["layers"] == rows_expected(exit_layers), "examples run per layer: exited ones must leave the batch"
     assert counts["off_ramps"] == rows_expected(exit_layers), "examples run per off-ramp: exited ones must leave"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Step 6: the second training stage (section 3.1)
+
+
+def training_batch(batch, size: int = 16) -> dict:
+    generator = torch.Generator().manual_seed(3)
+    return {**{name: batch[name][:size] for name in ("input_ids", "token_type_ids", "attention_mask")},
+            "labels": torch.randint(0, 2, (size,), generator=generator)}
+
+
+def test_step6_trains_every_off_ramp_but_the_last_and_nothing_else(exercise, model):
+    yours = {id(p) for p in exercise.stage2_parameters(model)}
+    expected = {id(p) for p in stages.stage2_parameters(model)}
+    last = {id(p) for p in model.off_ramps[-1].parameters()}
+    assert not yours & last, ("stage 2 must not train the last off-ramp f_n: stage 1 trained it with the backbone, "
+                              "and freezing it keeps the full model exactly plain fine-tuned BERT (paper 3.1)")
+    backbone = {id(p) for p in model.encoder.parameters()}
+    assert not yours & backbone, "stage 2 freezes the backbone: the embeddings and layers are stage 1's (paper 3.1)"
+    assert yours == expected, "stage 2 trains f_1 .. f_{n-1}: every parameter of every off-ramp but the last"
+
+
+def test_step6_the_loss_sums_the_lower_off_ramps_losses(exercise, model, batch):
+    data = training_batch(batch)
+    with torch.no_grad():
+        yours = float(exercise.stage2_loss(model, data))
+        expected = float(stages.stage2_loss(model, data))
+        hidden = model.encoder(data["input_ids"], data["token_type_ids"], data["attention_mask"])
+        last = float(torch.nn.functional.cross_entropy(model.off_ramps[-1](hidden[-1], data["attention_mask"]),
+                                                       data["labels"]))
+    n = model.num_layers
+    assert yours != pytest.approx(expected / (n - 1), abs=1e-6), (
+        "the paper sums the off-ramps' losses, L_1 + ... + L_{n-1}; a mean divides each off-ramp's gradient by "
+        "n - 1, a learning rate n - 1 times smaller (paper 3.1)")
+    assert yours != pytest.approx(expected + last, abs=1e-6), (
+        "L_n is stage 1's loss: stage 2 sums L_1 .. L_{n-1}, without the last off-ramp's (paper 3.1)")
+    assert yours == pytest.approx(expected, abs=1e-5), "stage 2's loss: L_1 + ... + L_{n-1}, each a cross-entropy"
+
+
+def test_step6_no_gradient_reaches_the_encoder(exercise, model, batch):
+    """Even with every parameter trainable, the loss must not send gradients into the frozen backbone."""
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.zero_grad(set_to_none=True)
+    try:
+        exercise.stage2_loss(model, training_batch(batch)).backward()
+        reached = [name for name, p in model.encoder.named_parameters() if p.grad is not None]
+        ramps = [p.grad for p in stages.stage2_parameters(model)]
+    finally:
+        model.zero_grad(set_to_none=True)
+        for p in model.parameters():
+            p.requires_grad_(False)
+    assert not reached, (f"gradients reached the encoder ({reached[0]}, ...): compute the hidden states under "
+                         "torch.no_grad(); the backbone is frozen in stage 2, and this also skips its backward pass")
+    assert all(g is not None for g in ramps), "every off-ramp f_1 .. f_{n-1} must get a gradient"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Step 7: another exit rule, patience (PABEE)
+
+# Predictions per layer (n = 4) and PABEE's counter after each: [0, 0, 0, 1] -> 0, 1, 2, 0; [1, 0, 0, 0] -> 0, 0, 1, 2
+PREDICTIONS = torch.tensor([[0, 0, 0, 1], [1, 0, 0, 0], [0, 1, 0, 1]])
+PATIENCE = ("patience t means t + 1 off-ramps in a row agree: the counter counts agreements with the PREVIOUS "
+            "off-ramp and the example exits when it reaches t, so t = 0 exits at layer 1 and t = 1 never before "
+            "layer 2; an off-by-one here exits one layer early or late")
+
+
+def one_hot_logits(predictions) -> torch.Tensor:
+    return torch.nn.functional.one_hot(predictions, 2).float() * 5  # (N, n) -> (N, n, 2)
+
+
+def test_step7_worked_examples(exercise):
+    all_logits = one_hot_logits(PREDICTIONS)
+    assert exercise.patience_exits(all_logits, 0).tolist() == [1, 1, 1], f"t = 0: {PATIENCE}"
+    assert exercise.patience_exits(all_logits, 1).tolist() == [2, 3, 4], f"t = 1: {PATIENCE}"
+    assert exercise.patience_exits(all_logits, 2).tolist() == [3, 4, 4], f"t = 2: {PATIENCE}"
+    assert exercise.patience_exits(all_logits, 4).tolist() == [4, 4, 4], f"t >= n: the last layer answers; {PATIENCE}"
+
+
+def test_step7_matches_the_package_on_random_logits(exercise):
+    all_logits = torch.randn(200, 6, 3, generator=torch.Generator().manual_seed(5))
+    for t in range(7):
+        expected = tradeoff.patience_exits(all_logits, t).tolist()
+        assert torch.as_tensor(exercise.patience_exits(all_logits, t)).tolist() == expected, f"t = {t}: {PATIENCE}"

@@ -1,14 +1,15 @@
-"""Your early-exit code: fill in the five functions, one step at a time (see README.md in this folder).
+"""Your DeeBERT: fill in the functions, one step at a time (see README.md in this folder).
 
-Each step is checked against the package's own deebert/exit.py, on a tiny random DeeBERT:
+Each step is checked against the package's own code, on a tiny random DeeBERT:
 
-    python -m pytest -q tutorial/exercises/check.py -k step1      # then step2, step3, step4, step5
+    python -m pytest -q tutorial/exercises/check.py -k step1      # then step2, ..., step7
 
 Shapes: B batch, T tokens, H hidden size, C classes, n layers, N examples.
 The answers are in solutions.py; try first.
 """
 
 import torch
+import torch.nn.functional as F
 
 from deebert.exit import BatchExitResult, ExitResult
 from deebert.model import attention_mask_for
@@ -22,7 +23,7 @@ def entropy(logits):
 
     entropy(torch.zeros(2)) = ln 2 = 0.6931 (uniform: the least confident);
     entropy(torch.tensor([2.0, 0.0])) = 0.3653; entropy(torch.tensor([1e4, 0.0])) = 0.0, not NaN.
-    A batch (B, C) gives (B,): one entropy per example, over its own C classes.
+    A batch (B, C) gives (B,), and (N, n, C) gives (N, n): one entropy per row, over its own C classes.
     """
     raise NotImplementedError("step 1: write entropy(logits), -sum p ln p over the last dim")
 
@@ -44,16 +45,16 @@ def early_exit(model, input_ids, token_type_ids, attention_mask, S):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Step 3: exit layers from the entropies of every off-ramp
+# Step 3: exit layers for any S, from one full pass
 
 
-def exit_layers_from_entropies(entropies, S):
-    """(N, n) entropies -> (N,) 1-based exit layers: the first layer with entropy < S, else n.
+def entropy_exits(all_logits, S):
+    """(N, n, C) logits of every off-ramp -> (N,) 1-based exit layers: the first layer with entropy < S, else n.
 
-    exit_layers_from_entropies(torch.tensor([[0.6, 0.2, 0.1]]), 0.3) -> tensor([2]);
-    with S = 0.05 -> tensor([3]) (nobody confident: the last layer answers).
+    For logits whose entropies are [[0.6, 0.2, 0.1]]: S = 0.3 -> tensor([2]);
+    S = 0.05 -> tensor([3]) (nobody confident: the last layer answers).
     """
-    raise NotImplementedError("step 3: write exit_layers_from_entropies, the first layer with entropy < S")
+    raise NotImplementedError("step 3: write entropy_exits, the first layer with entropy < S")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -82,3 +83,34 @@ def early_exit_batch(model, input_ids, token_type_ids, attention_mask, S):
     NaN for the layers an example never reached).
     """
     raise NotImplementedError("step 5: write early_exit_batch, where exited examples leave the batch")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Step 6: the second training stage (section 3.1)
+
+
+def stage2_parameters(model):
+    """The parameters stage 2 trains, as a list: the off-ramps that stage 1 did not train (model.off_ramps)."""
+    raise NotImplementedError("step 6: write stage2_parameters, what stage 2 trains")
+
+
+def stage2_loss(model, batch):
+    """Stage 2's loss on a batch {"input_ids", "token_type_ids", "attention_mask", "labels"}: a scalar tensor.
+
+    The pieces: model.encoder(input_ids, token_type_ids, attention_mask) -> a list of n hidden states (B, T, H);
+    model.off_ramps[i](hidden, attention_mask) -> (B, C) logits; F.cross_entropy(logits, labels) -> L_i.
+    """
+    raise NotImplementedError("step 6: write stage2_loss, the loss of paper section 3.1's second stage")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Step 7: another exit rule, patience (PABEE)
+
+
+def patience_exits(all_logits, t):
+    """(N, n, C) logits -> (N,) 1-based exit layers, by PABEE's rule.
+
+    A counter grows by one each time an off-ramp's prediction (argmax) equals the previous off-ramp's, and falls
+    back to 0 otherwise; an example exits at the first layer where the counter reaches t, else at the last layer.
+    """
+    raise NotImplementedError("step 7: write patience_exits, PABEE's patience rule")
