@@ -142,6 +142,13 @@ def load_checkpoint(args, directory: Path, task_name: str | None = None) -> Load
     return Loaded(directory, model, tokenizer, get_task(model.config.task or task_name))
 
 
+def describe(loaded: Loaded) -> str:
+    """The line that says which checkpoint runs, on what and in which number format."""
+    parameter = next(loaded.model.parameters())
+    return (f"checkpoint: {loaded.directory} (task {loaded.task.name}, {loaded.model.num_layers} layers, labels "
+            f"{', '.join(loaded.model.config.labels)}; {parameter.device}, {dtype_name(parameter.dtype)})")
+
+
 def as_pair(texts: list, task, where: str) -> str | tuple:
     """1 or 2 texts -> a text, or a (premise, hypothesis) pair, checked against the task's shape."""
     wanted = 2 if task.is_pair else 1
@@ -225,10 +232,9 @@ def run_texts(args) -> None:
     loaded = load_checkpoint(args, find_checkpoint(args.model, args.task), args.task)
     inputs = read_inputs(args.file, loaded.task) if args.file else [as_pair(args.texts, loaded.task, "input")]
     S = certified_S(loaded, args) if args.S == "auto" else args.S or 0.0
-    n, C = loaded.model.num_layers, len(loaded.model.config.labels)
-    say(args, f"checkpoint: {loaded.directory} (task {loaded.task.name}, {n} layers, labels "
-              f"{', '.join(loaded.model.config.labels)}; {next(loaded.model.parameters()).device}, "
-              f"{dtype_name(next(loaded.model.parameters()).dtype)})")
+    n = loaded.model.num_layers
+    C = len(loaded.model.config.labels)
+    say(args, describe(loaded))
     say(args, f"S = {S:g}" + (" (calibrated)" if args.S == "auto" else ""))
     if args.S is None:
         say(args, "note: S = 0 means no early exit: every input runs all layers (the fine-tuned BERT); "
@@ -355,6 +361,7 @@ def time_exits(args, loaded: Loaded, examples, static: dict) -> dict:
 def run_eval(args, loaded: Loaded) -> None:
     """The sweep over S on the dev set, the exit rules, the certified S, the wall clock; the CSVs and the figure."""
     task, model, tokenizer, n = loaded.task, loaded.model, loaded.tokenizer, loaded.model.num_layers
+    print(describe(loaded))
     static = load_static(args, loaded)
     calibration = args.calibration_file and unlabelled(read_inputs(args.calibration_file, task, "--calibration_file"))
     examples = read_split(task, find_data_dir(task, args.data_dir), args.split)[: args.max_eval_examples]

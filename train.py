@@ -199,12 +199,12 @@ def format_seconds(seconds: float) -> str:
     return f"{minutes}m{seconds:02d}s"
 
 
-def evaluate(model, tokenizer, dev, args, run) -> list:
+def evaluate(model, tokenizer, dev, task, args, run) -> list:
     """Every off-ramp's metrics on the dev set: one full pass, sorted by length, under the training's autocast."""
     model.eval()
     order = by_length(tokenizer, dev)
     with autocast(run.device, run.amp):
-        return per_layer_metrics(run.task, *full_pass(model, batches(tokenizer, dev, args.eval_batch_size, order)))
+        return per_layer_metrics(task, *full_pass(model, batches(tokenizer, dev, args.eval_batch_size, order)))
 
 
 def per_layer_table(results: list, task, trained_layers: int) -> str:
@@ -222,21 +222,20 @@ def per_layer_table(results: list, task, trained_layers: int) -> str:
 
 
 class Run:
-    """What one process knows: its rank, the device and the precision, the task, and whether it may print.
+    """What one process knows: its rank, the device and the precision, and whether it may print.
 
     Under torchrun every process checks --device as a single process does (so a missing GPU is an error,
     never a silent CPU run); on GPUs process r of a machine takes GPU LOCAL_RANK, and NCCL is bound to it.
     """
 
-    def __init__(self, args, task):
-        self.task = task
+    def __init__(self, args):
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.device = pick_device(args.device)
         if self.world_size > 1 and self.device.type == "cuda":  # more processes than GPUs: an error
             self.device = pick_device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}")
         self.on_gpu = self.device.type == "cuda"
-        self.amp = pick_dtype({"none": "fp32"}.get(args.amp, args.amp), self.device, flag="--amp")
+        self.amp = pick_dtype("fp32" if args.amp == "none" else args.amp, self.device, flag="--amp")
         if self.world_size > 1 and self.on_gpu:
             torch.cuda.set_device(self.device)
             dist.init_process_group("nccl", device_id=self.device)
@@ -274,7 +273,7 @@ def main(argv=None):
     output_dir = Path(args.output_dir or default_dir)
     model_dir = resolve(args.model)
     check_max_length(args.max_length, BertConfig.from_file(model_dir / "config.json").max_position_embeddings)
-    run = Run(args, task)
+    run = Run(args)
     args.eval_batch_size = args.eval_batch_size or (256 if run.on_gpu else 64)
     if run.rank == 0:
         check_output_dir(output_dir, args.overwrite)
@@ -297,7 +296,7 @@ def main(argv=None):
         stats = train_stage(stage, model, train, tokenizer, args, run)
         if run.rank == 0:
             started = time.perf_counter()
-            per_layer = evaluate(model, tokenizer, dev, args, run)
+            per_layer = evaluate(model, tokenizer, dev, task, args, run)
             run.log(f"\n{stage} done in {format_seconds(stats['seconds'])} "
                     f"({stats['examples_per_second']:.1f} examples/s); dev, every off-ramp "
                     f"({format_seconds(time.perf_counter() - started)}):")

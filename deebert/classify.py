@@ -33,7 +33,7 @@ class Prediction:
     truncated: bool  # longer than max_length tokens, and cut
 
 
-def load(checkpoint, device: str = "auto", dtype: str = "fp32", max_length: int = 128) -> tuple:
+def load(checkpoint, device: str = "auto", dtype: str = "auto", max_length: int = 128) -> tuple:
     """(model, tokenizer) of a checkpoint fine-tuned by train.py, on `device` (auto, cpu, cuda, cuda:N), its weights
     in `dtype` (fp32, or bf16/fp16 on a GPU; auto: bf16 on a GPU that has it), in eval mode."""
     directory = resolve(checkpoint)

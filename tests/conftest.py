@@ -101,14 +101,14 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def tiny_deebert(directory, labels=("no", "yes"), pooling=None, scales=SCALES):
+def tiny_deebert(directory, labels=("no", "yes"), pooling=None, scales=SCALES, positions: int = 64):
     """A tiny DeeBert whose off-ramps' entropies spread over (0, ln 2), differently for different inputs.
 
     With BERT's initialisation (std 0.02) attention is almost uniform and [CLS] is nearly the same vector
     for every input; larger word embeddings and attention weights make it depend on the input. The
     off-ramps' classifier weights times `scales` make them confident to different degrees.
     """
-    model = load_deebert(write_tiny_checkpoint(directory), labels=list(labels), pooling=pooling)
+    model = load_deebert(write_tiny_checkpoint(directory, positions=positions), labels=list(labels), pooling=pooling)
     with torch.no_grad():
         model.encoder.embeddings.word_embeddings.weight.mul_(50)
         for layer in model.encoder.layers:
@@ -119,9 +119,9 @@ def tiny_deebert(directory, labels=("no", "yes"), pooling=None, scales=SCALES):
     return model.eval()
 
 
-def fine_tuned(directory: Path, task: str = "sst-2", labels=("negative", "positive")) -> Path:
+def fine_tuned(directory: Path, task: str = "sst-2", labels=("negative", "positive"), positions: int = 64) -> Path:
     """A tiny 'fine-tuned' checkpoint at directory/task: tiny_deebert's off-ramps, saved as train.py saves."""
-    model = tiny_deebert(directory / "pretrained", labels=labels)
+    model = tiny_deebert(directory / "pretrained", labels=labels, positions=positions)
     model.config.task = task
     return save_checkpoint(model, Tokenizer.from_dir(directory / "pretrained"), directory / task)
 

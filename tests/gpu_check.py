@@ -105,7 +105,7 @@ def training(device, shape, glue) -> tuple:
     args = train.parse_args(["--task", "sst-2", "--model", str(model_dir), "--data_dir", str(glue / "SST-2"),
                              "--batch_size", "16", "--epochs", "1", "--stage2_learning_rate", "1e-3",
                              "--max_length", "32", "--device", str(device)])  # --amp auto, the default
-    run = train.Run(args, get_task("sst-2"))
+    run = train.Run(args)
     model = load_deebert(model_dir, labels=["negative", "positive"]).to(device)
     tokenizer = Tokenizer.from_dir(model_dir, max_length=32)
     examples = read_split(get_task("sst-2"), glue / "SST-2", "train")
@@ -210,7 +210,7 @@ def rte_epoch(device, shape, count: int) -> tuple:
     if not (model_dir / "config.json").is_file():
         model_dir = write_tiny_checkpoint(model_dir, bert_base_naming=False, positions=512, **shape)
     args = train.parse_args(["--task", "rte", "--model", str(model_dir), "--epochs", "1", "--device", str(device)])
-    run_ = train.Run(args, get_task("rte"))
+    run_ = train.Run(args)
     model = load_deebert(model_dir, labels=["entailment", "not_entailment"]).to(device)
     tokenizer = Tokenizer.from_dir(model_dir, max_length=128)
     examples = rte_like(count, torch.Generator().manual_seed(0))

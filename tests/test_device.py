@@ -104,7 +104,7 @@ def test_the_benchmarks_exit_and_train_sections_move_only_what_the_model_needs(s
 def test_a_training_step_moves_the_inputs_and_the_labels_but_never_the_index(setup, moved):
     args = train.parse_args(["--task", "sst-2", "--model", str(setup["pretrained"]), "--data_dir",
                              str(setup["glue"]), "--batch_size", "8", "--epochs", "1", "--max_length", "32"])
-    run = train.Run(args, get_task("sst-2"))
+    run = train.Run(args)
     model = load_deebert(setup["pretrained"], labels=["negative", "positive"])
     train_examples = read_split(get_task("sst-2"), setup["glue"] / "SST-2", "train")
     stats = train.train_stage("stage 1", model, train_examples, setup["tokenizer"], args, run)

@@ -55,7 +55,7 @@ def stage_setup(tiny_checkpoint, tmp_path):
     args = train.parse_args(tiny_args(tiny_checkpoint, data, tmp_path / "out"))
     torch.manual_seed(0)
     model = load_deebert(tiny_checkpoint, labels=["negative", "positive"])
-    run = train.Run(args, get_task("sst-2"))
+    run = train.Run(args)
     tokenizer = Tokenizer.from_dir(tiny_checkpoint, max_length=16)
     examples = read_split(get_task("sst-2"), data, "train")
     return model, examples, tokenizer, args, run

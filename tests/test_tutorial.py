@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import minilm_path, write_glue, write_tiny_checkpoint
+from conftest import fine_tuned, minilm_path, write_glue, write_tiny_checkpoint
 from helpers.markdown import LANGUAGES, excerpt_found, images, matches, read_blocks, shell_commands
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +70,8 @@ def tiny(tmp_path_factory) -> dict:
     glue = write_glue(root / "glue", n_train=64, n_dev=96)  # 96: chapter 7 certifies S on half of SST-2 dev
     rte_dev = glue / "RTE" / "dev.tsv"
     rte_dev.write_text("".join(rte_dev.read_text().splitlines(keepends=True)[:33]))  # RTE needs no more than 32
-    return {"model": write_tiny_checkpoint(root / "tiny-bert", bert_base_naming=False, positions=512), "glue": glue}
+    model = write_tiny_checkpoint(root / "tiny-bert", bert_base_naming=False, positions=512, num_hidden_layers=6)
+    return {"model": model, "glue": glue}  # 6 layers, as all-MiniLM-L6-v2: chapter 8 trains K = 1..5 of them
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -89,6 +90,18 @@ def test_the_readme_links_every_page():
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     for name in PAGES:
         assert f"](tutorial/{name})" in text, f"README.md does not link tutorial/{name}"
+
+
+def test_the_readmes_python_runs_on_a_checkpoint_in_runs(tmp_path, monkeypatch, capsys):
+    """README's one-call use, as written, on a tiny fine-tuned checkpoint where train.py would save one."""
+    blocks = [b for b in read_blocks(ROOT / "README.md") if b.language == "python"]
+    assert blocks, "README.md shows the one-call Python use"
+    fine_tuned(tmp_path / "runs", "sst-2", positions=512)
+    monkeypatch.chdir(tmp_path)
+    for block in blocks:
+        exec(compile(block.code, f"README.md:{block.line}", "exec"), {"__name__": "__readme__"})
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 2 and all(line.split()[0] in ("negative", "positive") for line in printed), printed
 
 
 def words(name: str) -> int:
