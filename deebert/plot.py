@@ -98,10 +98,10 @@ def draw_measured(axes, timing: list[dict]) -> None:
 
 
 def telling_exits(rows: list[dict], count: int = 4) -> list[dict]:
-    """Up to `count` rows of the sweep, spread over it, leaving out the S under which every example exits at the
-    same layer (the last near S = 0; the first above ln C), and where there are enough others, those under which
-    95% do: such bars say little."""
-    telling = [row for row in rows if row["S"] is not None and share_at_one_layer(row) < 1]
+    """Up to `count` rows of the sweep, spread over it, leaving out, where there are others, the S under which every
+    example exits at the same layer (the last near S = 0; the first above ln C) or 95% do: such bars say little."""
+    rows = [row for row in rows if row["S"] is not None]
+    telling = [row for row in rows if share_at_one_layer(row) < 1] or rows
     rows = [row for row in telling if share_at_one_layer(row) <= 0.95] or telling
     count = min(count, len(rows))
     return [rows[round(k * (len(rows) - 1) / max(1, count - 1))] for k in range(count)]

@@ -163,9 +163,7 @@ def main(argv=None) -> None:
         rules = rules_of(read_csv(run / "rules.csv")) if (run / "rules.csv").is_file() else {}
         static = rules.get("static", {}).get("points")
         draws["tradeoff"] = lambda a: plot.draw_tradeoff(a, rows, metric, static)
-        exits = plot.telling_exits(rows)
-        if exits:  # none where (almost) every example exits at one layer under every S
-            draws["exits"] = [lambda a, row=row: plot.draw_exits(a, row) for row in exits]
+        draws["exits"] = [lambda a, row=row: plot.draw_exits(a, row) for row in plot.telling_exits(rows)]
         if rules:
             draws["rules"] = lambda a: plot.draw_rules(a, rules, metric)
         if any(key.startswith("measured_saving_batch") for key in rows[0]):
