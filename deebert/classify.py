@@ -65,7 +65,7 @@ def classify(model, tokenizer, inputs: list, S: float = 0.0, batch_size: int = 3
         for k, index in enumerate(batch["index"].tolist()):
             exit_layer = int(result.exit_layers[k])
             predictions[index] = Prediction(
-                label=model.config.labels[best[k]],
+                label=model.config.labels[int(best[k])],
                 probability=float(probabilities[k]),
                 exit_layer=exit_layer,
                 entropies=result.entropies[k, :exit_layer].tolist(),

@@ -97,6 +97,11 @@ def draw_measured(axes, timing: list[dict]) -> None:
     axes.set(xlabel="expected saving (%)", ylabel="measured saving (%)", title="wall clock against layer count")
 
 
+def share_at_one_layer(row: dict) -> float:
+    """The largest share of the examples that exit at one same layer: 1.0 when all exit together."""
+    return max(row["exits_per_layer"]) / sum(row["exits_per_layer"])
+
+
 def telling_exits(rows: list[dict], count: int = 4) -> list[dict]:
     """Up to `count` rows of the sweep, spread over it, leaving out, where there are others, the S under which every
     example exits at the same layer (the last near S = 0; the first above ln C) or 95% do: such bars say little."""
@@ -105,11 +110,6 @@ def telling_exits(rows: list[dict], count: int = 4) -> list[dict]:
     rows = [row for row in telling if share_at_one_layer(row) <= 0.95] or telling
     count = min(count, len(rows))
     return [rows[round(k * (len(rows) - 1) / max(1, count - 1))] for k in range(count)]
-
-
-def share_at_one_layer(row: dict) -> float:
-    """The largest share of the examples that exit at one same layer: 1.0 when all exit together."""
-    return max(row["exits_per_layer"]) / sum(row["exits_per_layer"])
 
 
 def draw_exits(axes, row: dict) -> None:
